@@ -1,0 +1,57 @@
+"""The typed model input. Everything that turns rows into tensors happens before this point
+(id mapping, semantic-code lookup, padding, the KeyedJaggedTensors), so the sharded model never
+rewrites its input and TorchRec's train pipeline can overlap it.
+
+Layout for a batch of B samples whose longest history has L items, T tokens per item:
+
+- ``sparse_features``  KJT, stride B, keys = manifest feature names in manifest order
+  (user_id, ..., item_id, ..., multi-valued features with their list lengths). Pooled by EBCs.
+- ``sequence_features`` KJT, stride B, one key ``history_item_id``: the history item ids,
+  lengths = history lengths (may be 0). For EmbeddingCollections (per-position embeddings).
+- ``history``          (B, L) int64 item ids, oldest first, left-aligned, 0-padded on the right.
+- ``history_lengths``  (B,) int64.
+- ``history_tokens``   (B, L*T) int64 semantic-ID tokens of the history (TokenVocab ids),
+  0-padded; empty (B, 0) when the dataset has no semantic IDs yet.
+- ``target_tokens``    (B, T) int64 tokens of the target item (B, 0 without semantic IDs).
+- ``labels``           (B,) float32 in {0, 1}.
+- ``user_ids``, ``item_ids`` (B,) int64 dense ids (GAUC groups, predictions file).
+- ``row_ids``          (B,) int64 the sample's global row index within its split (exactly-once
+  checks, per-sample predictions).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
+
+
+@dataclass
+class Batch(Pipelineable):
+    sparse_features: KeyedJaggedTensor
+    sequence_features: KeyedJaggedTensor
+    history: torch.Tensor
+    history_lengths: torch.Tensor
+    history_tokens: torch.Tensor
+    target_tokens: torch.Tensor
+    labels: torch.Tensor
+    user_ids: torch.Tensor
+    item_ids: torch.Tensor
+    row_ids: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return int(self.labels.shape[0])
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
+        return Batch(**{f.name: getattr(self, f.name).to(device=device, non_blocking=non_blocking)
+                        for f in fields(self)})
+
+    def record_stream(self, stream: torch.Stream) -> None:  # CUDA pipelining only
+        for f in fields(self):
+            getattr(self, f.name).record_stream(stream)
+
+    def pin_memory(self) -> Batch:
+        return Batch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})

@@ -1,0 +1,110 @@
+"""The prepared-dataset layout (SPEC §2): the one contract between the dataset sources, the
+item tokenizer and the streaming reader.
+
+A prepared dataset is a folder::
+
+    manifest.json          schema version, protocol, counts, feature cardinalities, file hashes
+    items.parquet          item_id (int32, 1..n_items; 0 = padding), raw_id (str), text (str),
+                           one column per item-side feature (int32, or list<int32> if multi)
+    users.parquet          user_id (int32, 1..n_users), raw_id (str), one column per user feature
+    train/ valid/ test/    part-00000.parquet ...: one row per sample, fixed row-group size
+    semantic_ids.parquet   written by the tokenizer: item_id, code_0..code_{N-1}, collision
+    cohorts.npz            written by the tokenizer: CSR cohort index
+
+Sample shard columns: ``user_id``, ``item_id`` (int32), ``label`` (int8, 0/1), ``timestamp``
+(int64, seconds), ``history`` (list<int32> of earlier positive item ids, oldest first, at most
+``max_history``), and one column per sparse feature listed in ``manifest["features"]`` (user
+and item features denormalised into the row, so a reader never joins).
+
+Every sparse id is dense: 0 means padding/unknown and real values are 1..cardinality-1, so a
+feature's embedding table has exactly ``cardinality`` rows.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+ITEMS = "items.parquet"
+USERS = "users.parquet"
+SEMANTIC_IDS = "semantic_ids.parquet"
+COHORTS = "cohorts.npz"
+SPLITS = ("train", "valid", "test")
+
+USER = "user_id"
+ITEM = "item_id"
+LABEL = "label"
+TIMESTAMP = "timestamp"
+HISTORY = "history"
+RAW_ID = "raw_id"
+TEXT = "text"
+
+# Sequence feature key used for the history in Batch.sequence_features (EmbeddingCollection).
+HISTORY_FEATURE = "history_item_id"
+
+
+class DatasetError(ValueError):
+    """Bad input at the data layer; the message names the file and the row or field."""
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """One sparse feature: its column name, side ("user" or "item"), whether it is multi-valued
+    (a list column pooled into one bag) and its cardinality (embedding rows, padding included)."""
+
+    name: str
+    side: str
+    multi: bool
+    cardinality: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "side": self.side, "multi": self.multi,
+                "cardinality": self.cardinality}
+
+
+def load_manifest(dataset_dir: str | Path) -> dict[str, Any]:
+    path = Path(dataset_dir) / MANIFEST
+    if not path.is_file():
+        raise DatasetError(f"{path}: no manifest; is {dataset_dir} a prepared dataset?")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}: not valid JSON ({e})") from e
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise DatasetError(f"{path}: schema_version {manifest.get('schema_version')!r}, "
+                           f"this code reads {SCHEMA_VERSION}")
+    return manifest
+
+
+def feature_specs(manifest: dict[str, Any]) -> list[FeatureSpec]:
+    """The sparse features in manifest order (the KeyedJaggedTensor key order)."""
+    return [FeatureSpec(f["name"], f["side"], bool(f["multi"]), int(f["cardinality"]))
+            for f in manifest["features"]]
+
+
+# ---- semantic-ID token vocabulary (shared by the reader's collate and the generator) --------
+# token 0 = padding (also T5's decoder start); level n < N code c -> 1 + n*K + c;
+# collision digit d -> 1 + N*K + d.
+
+
+@dataclass(frozen=True)
+class TokenVocab:
+    levels: int          # N
+    codebook_size: int   # K
+    n_collision: int     # max collision digit + 1 (>= 1)
+
+    @property
+    def tokens_per_item(self) -> int:
+        return self.levels + 1
+
+    @property
+    def size(self) -> int:
+        return 1 + self.levels * self.codebook_size + self.n_collision
+
+    def offsets(self) -> list[int]:
+        """Per-position token offsets: token = offset[position] + code."""
+        return [1 + n * self.codebook_size for n in range(self.levels + 1)]

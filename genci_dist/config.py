@@ -1,0 +1,157 @@
+"""The job configuration: one typed section per concern, loaded from a TOML file under configs/
+with dotted CLI overrides (`--train.lr 0.001`). See `config_loader` for the rules.
+
+Sections owned by a subsystem are declared next to it (tokenizer, model, sharding) and composed
+here, so each subsystem can be built from its own plain config object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import tomli_w
+
+from genci_dist.config_loader import (
+    ConfigError,
+    build_dataclass,
+    merge,
+    parse_overrides,
+    read_toml,
+    to_plain,
+)
+from genci_dist.model.config import ModelConfig
+from genci_dist.sharding import ShardingConfig
+from genci_dist.tokenizer.config import TokenizerConfig
+
+__all__ = ["ConfigError", "JobConfig", "load_config", "save_config"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the prepared dataset is and how it is read."""
+
+    dir: str = "data/ml-100k"
+    """Prepared dataset folder (manifest.json, shards, semantic_ids.parquet)."""
+    source: Literal["ml-100k", "ml-1m", "synthetic", "tiny", "none"] = "ml-100k"
+    """What `prepare_if_missing` builds when `dir` has no manifest ("none": fail instead)."""
+    synthetic_scale: float = 0.01
+    """Scale factor for source = "synthetic" (1.0 ≈ Amazon-Instrument)."""
+    split: Literal["temporal", "random"] = "temporal"
+    max_history: int = 50
+    batch_size: int = 1024
+    """Global batch size: each of W ranks reads batch_size // W samples a step."""
+    eval_batch_size: int = 4096
+    num_workers: int = 1
+    pad_history_to: int = 0
+    """0 = pad each batch to its longest history (dynamic); L > 0 = always pad to L."""
+    seed: int = 2024
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 20
+    max_steps: int = 0
+    """Stop after this many steps in total (0 = no limit); for debug runs and benchmarks."""
+    lr: float = 0.003
+    """Dense Adam learning rate."""
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    patience: int = 2
+    """Early stopping: epochs without a better valid AUC before stopping."""
+    seed: int = 2024
+    deterministic: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_every: int = 50
+    eval_every_epoch: bool = True
+    progress_bar: bool = True
+    tensorboard: bool = True
+    run_dir: str = "runs/default"
+    """Folder for the resolved config, plan, metrics, TensorBoard events, plots, checkpoints."""
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    enabled: bool = True
+    every_n_steps: int = 0
+    """Also checkpoint every N steps (0 = only at epoch end)."""
+    keep_last: int = 2
+    keep_best: bool = True
+    resume: Literal["auto", "never"] = "auto"
+    """auto: resume from run_dir/checkpoints/latest when it exists."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    splits: tuple[str, ...] = ("test",)
+    write_predictions: bool = False
+    base_metrics: str = ""
+    """Metrics JSON of a base run (e.g. DeepFM) for RelaImpr; empty = none."""
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    description: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return to_plain(self)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    def replace(self, **sections: object) -> JobConfig:
+        return dataclasses.replace(self, **sections)
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> JobConfig:
+    """Defaults ← TOML file (with `extends`) ← CLI overrides, all type-checked."""
+    data = read_toml(path) if path is not None else {}
+    cli = parse_overrides(list(overrides))
+    try:  # check the overrides alone first so an error names the flag, not the file
+        build_dataclass(JobConfig, cli)
+    except ConfigError as e:
+        raise ConfigError(f"command line: --{e}") from None
+    merged = merge(data, cli)
+    where = str(path) if path is not None else "config"
+    try:
+        return build_dataclass(JobConfig, merged)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def save_config(cfg: JobConfig, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(cfg.to_toml())
+    tmp.replace(path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m genci_dist.config --config F [overrides]`: prints the resolved config."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    path = None
+    if args[:1] == ["--config"]:
+        path, args = args[1], args[2:]
+    try:
+        print(load_config(path, args).to_toml())
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
