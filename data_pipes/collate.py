@@ -1,0 +1,144 @@
+"""Rows → `Batch`: every id/padding/code-lookup step, vectorised on Arrow list offsets.
+
+`build_batch` turns a pyarrow Table of sample rows into a Batch (layout in data_pipes/batch.py).
+Semantic-ID tokens come from a per-item token table (`load_item_tokens`), so the model never
+maps ids to codes itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from data_pipes.batch import Batch
+from data_pipes.schema import (
+    HISTORY,
+    HISTORY_FEATURE,
+    ITEM,
+    LABEL,
+    SEMANTIC_IDS,
+    USER,
+    DatasetError,
+    FeatureSpec,
+    TokenVocab,
+)
+
+
+def load_item_tokens(dataset_dir: str | Path) -> tuple[np.ndarray, TokenVocab]:
+    """(tokens[n_items+1, T] int64 with TokenVocab offsets applied, vocab); row 0 = padding."""
+    path = Path(dataset_dir) / SEMANTIC_IDS
+    if not path.is_file():
+        raise DatasetError(f"{path}: no semantic IDs; run genci-tokenize first")
+    table = pq.read_table(path)
+    meta = table.schema.metadata or {}
+    try:
+        levels = int(meta[b"levels"])
+        k = int(meta[b"codebook_size"])
+        n_coll = int(meta[b"n_collision"])
+    except KeyError as e:
+        raise DatasetError(f"{path}: schema metadata lacks {e.args[0]!r}") from None
+    vocab = TokenVocab(levels, k, n_coll)
+    item = table.column(ITEM).to_numpy()
+    codes = [table.column(f"code_{n}").to_numpy() for n in range(levels)]
+    codes.append(table.column("collision").to_numpy())
+    tokens = np.zeros((int(item.max(initial=0)) + 1, levels + 1), dtype=np.int64)
+    for pos, (col, off) in enumerate(zip(codes, vocab.offsets(), strict=True)):
+        tokens[item, pos] = col.astype(np.int64) + off
+    return tokens, vocab
+
+
+def _list_parts(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(lengths int64 [B], values int64) of a list<int32> column."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    offsets = arr.offsets.to_numpy().astype(np.int64)
+    values = arr.values.to_numpy(zero_copy_only=False).astype(np.int64)
+    values = values[offsets[0]:offsets[-1]]
+    return np.diff(offsets), values
+
+
+def _np(col: pa.ChunkedArray) -> np.ndarray:
+    return col.to_numpy() if col.num_chunks == 1 else col.combine_chunks().to_numpy()
+
+
+def check_ids(name: str, values: np.ndarray, cardinality: int, where: str) -> None:
+    if values.size and (values.min() < 0 or values.max() >= cardinality):
+        bad = int(np.flatnonzero((values < 0) | (values >= cardinality))[0])
+        raise DatasetError(f"{where}: field {name!r} has id {int(values[bad])} outside "
+                           f"[0, {cardinality}) declared in the manifest")
+
+
+def build_batch(table: pa.Table, features: list[FeatureSpec], row_ids: np.ndarray,
+                item_tokens: np.ndarray | None, where: str,
+                pad_history_to: int | None = None) -> Batch:
+    """Sample rows → Batch. `where` names the file/row group in errors."""
+    b = table.num_rows
+    missing = [c for c in (USER, ITEM, LABEL, HISTORY, *(f.name for f in features))
+               if c not in table.column_names]
+    if missing:
+        raise DatasetError(f"{where}: missing column(s) {missing}")
+    labels = _np(table.column(LABEL)).astype(np.float32)
+    if not np.isin(labels, (0.0, 1.0)).all():
+        bad = int(np.flatnonzero(~np.isin(labels, (0.0, 1.0)))[0])
+        raise DatasetError(f"{where}: row {bad}: label {labels[bad]!r} is not 0 or 1")
+
+    lengths_all, values_all = [], []
+    for f in features:
+        if f.multi:
+            lens, vals = _list_parts(table.column(f.name))
+            check_ids(f.name, vals, f.cardinality, where)
+            keep = vals != 0
+            if not keep.all():  # drop padding ids inside bags
+                seg = np.repeat(np.arange(b), lens)
+                vals = vals[keep]
+                lens = np.bincount(seg[keep], minlength=b)
+        else:
+            vals = _np(table.column(f.name)).astype(np.int64)
+            check_ids(f.name, vals, f.cardinality, where)
+            lens = (vals != 0).astype(np.int64)  # id 0 = missing → empty bag
+            vals = vals[vals != 0]
+        lengths_all.append(lens)
+        values_all.append(vals)
+    sparse = KeyedJaggedTensor.from_lengths_sync(
+        keys=[f.name for f in features],
+        values=torch.from_numpy(np.concatenate(values_all)),
+        lengths=torch.from_numpy(np.concatenate(lengths_all)))
+
+    h_len, h_vals = _list_parts(table.column(HISTORY))
+    item_card = next((f.cardinality for f in features if f.name == ITEM), None)
+    if item_card is not None:
+        check_ids(HISTORY, h_vals, item_card, where)
+    seq = KeyedJaggedTensor.from_lengths_sync(
+        keys=[HISTORY_FEATURE], values=torch.from_numpy(h_vals), lengths=torch.from_numpy(h_len))
+    width = int(pad_history_to) if pad_history_to else max(int(h_len.max(initial=0)), 1)
+    if h_len.size and h_len.max(initial=0) > width:
+        raise DatasetError(f"{where}: history longer ({int(h_len.max())}) than pad_history_to")
+    hist = np.zeros((b, width), dtype=np.int64)
+    rows = np.repeat(np.arange(b), h_len)
+    cols = np.arange(h_vals.size) - np.repeat(np.cumsum(h_len) - h_len, h_len)
+    hist[rows, cols] = h_vals
+
+    items = _np(table.column(ITEM)).astype(np.int64)
+    if item_tokens is not None:
+        if items.max(initial=0) >= item_tokens.shape[0] or (
+                h_vals.size and h_vals.max() >= item_tokens.shape[0]):
+            raise DatasetError(f"{where}: item id beyond the semantic-ID table "
+                               f"({item_tokens.shape[0] - 1} items)")
+        hist_tokens = item_tokens[hist].reshape(b, -1)     # item 0 → all-zero tokens
+        target_tokens = item_tokens[items]
+    else:
+        hist_tokens = np.zeros((b, 0), dtype=np.int64)
+        target_tokens = np.zeros((b, 0), dtype=np.int64)
+    return Batch(
+        sparse_features=sparse, sequence_features=seq,
+        history=torch.from_numpy(hist), history_lengths=torch.from_numpy(h_len),
+        history_tokens=torch.from_numpy(np.ascontiguousarray(hist_tokens)),
+        target_tokens=torch.from_numpy(np.ascontiguousarray(target_tokens)),
+        labels=torch.from_numpy(labels),
+        user_ids=torch.from_numpy(_np(table.column(USER)).astype(np.int64)),
+        item_ids=torch.from_numpy(items),
+        row_ids=torch.from_numpy(np.asarray(row_ids, dtype=np.int64)))

@@ -1,0 +1,218 @@
+"""Streaming, resumable reader of a prepared split, sharded by rank and then by worker.
+
+An epoch defines one global sample sequence: the split's row groups in a seeded permutation,
+each row group's rows in a seeded permutation (no shuffle for evaluation). Rank r of W takes
+the contiguous slice [⌊rN/W⌋, ⌊(r+1)N/W⌋) of it, so it reads only the row groups overlapping
+its slice and slice sizes differ by at most one. Every rank cuts its slice into the same number
+of non-empty batches S = ⌈⌈N/W⌉ / batch⌉, so no sample is lost or seen twice in an epoch and
+no collective can hang on an uneven split. Batch j of a rank is built by worker j mod
+num_workers; torchdata's StatefulDataLoader fetches workers round-robin, so the batch sequence
+is the same for any number of workers, and `state_dict()` (epoch, next batch per worker)
+resumes mid-epoch exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from data_pipes.batch import Batch
+from data_pipes.collate import build_batch, load_item_tokens
+from data_pipes.schema import SPLITS, DatasetError, feature_specs, load_manifest
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    path: Path
+    index: int      # row group index inside the file
+    rows: int
+    offset: int     # global row index of its first row within the split
+
+
+def list_row_groups(dataset_dir: Path, split: str) -> list[RowGroup]:
+    if split not in SPLITS:
+        raise DatasetError(f"unknown split {split!r}; expected one of {SPLITS}")
+    files = sorted((Path(dataset_dir) / split).glob("*.parquet"))
+    if not files:
+        raise DatasetError(f"{Path(dataset_dir) / split}: no Parquet shards")
+    out, offset = [], 0
+    for f in files:
+        try:
+            meta = pq.ParquetFile(f).metadata
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DatasetError(f"{f}: not a readable Parquet file ({e})") from None
+        for g in range(meta.num_row_groups):
+            n = meta.row_group(g).num_rows
+            out.append(RowGroup(f, g, n, offset))
+            offset += n
+    return out
+
+
+def batch_sizes(n_rank: int, steps: int, batch_size: int) -> list[int]:
+    """Cuts n_rank samples into exactly `steps` non-empty batches of at most batch_size."""
+    if n_rank < steps:
+        raise DatasetError(f"a rank has {n_rank} samples but every rank must run {steps} "
+                           "steps; use fewer ranks or a smaller batch for this split")
+    sizes = [batch_size] * (steps - 1) + [n_rank - (steps - 1) * batch_size]
+    j = steps - 1
+    while sizes[j] <= 0:  # move samples back from earlier batches until the tail is non-empty
+        need = 1 - sizes[j]
+        k = j - 1
+        while need:
+            take = min(need, sizes[k] - 1)
+            sizes[k] -= take
+            sizes[j] += take
+            need -= take
+            k -= 1
+    return sizes
+
+
+class EpochPlan:
+    """The global order of one epoch and this rank's batches within it."""
+
+    def __init__(self, groups: list[RowGroup], epoch: int, seed: int, shuffle: bool, rank: int,
+                 world_size: int, batch_size: int) -> None:
+        self.groups = groups
+        self.seed, self.epoch, self.shuffle = seed, epoch, shuffle
+        n = sum(g.rows for g in groups)
+        self.order = (np.random.default_rng((seed, epoch)).permutation(len(groups)) if shuffle
+                      else np.arange(len(groups)))
+        sizes = np.array([groups[i].rows for i in self.order], dtype=np.int64)
+        self.starts = np.r_[0, np.cumsum(sizes)]          # sequence start of each ordered group
+        lo, hi = n * rank // world_size, n * (rank + 1) // world_size
+        steps = -(-(-(-n // world_size)) // batch_size) if n else 0
+        self.steps = steps
+        bs = batch_sizes(hi - lo, steps, batch_size) if steps else []
+        self.bounds = lo + np.r_[0, np.cumsum(bs)].astype(np.int64)
+
+    def row_perm(self, k: int) -> np.ndarray:
+        """Row order inside the k-th group of the epoch order."""
+        g = int(self.order[k])
+        if not self.shuffle:
+            return np.arange(self.groups[g].rows)
+        return np.random.default_rng((self.seed, self.epoch, g)).permutation(self.groups[g].rows)
+
+    def segments(self, j: int) -> list[tuple[int, int, int]]:
+        """Batch j as [(ordered group k, start, stop) positions inside that group's order]."""
+        a, b = int(self.bounds[j]), int(self.bounds[j + 1])
+        k = int(np.searchsorted(self.starts, a, side="right") - 1)
+        out = []
+        while a < b:
+            stop = min(b, int(self.starts[k + 1]))
+            out.append((k, a - int(self.starts[k]), stop - int(self.starts[k])))
+            a = stop
+            k += 1
+        return out
+
+
+class StreamingSplit(IterableDataset):
+    """Yields this rank's Batches of one split for the current epoch (see module docstring)."""
+
+    def __init__(self, dataset_dir: str | Path, split: str, *, batch_size: int, rank: int,
+                 world_size: int, seed: int, shuffle: bool, with_tokens: bool = True,
+                 pad_history_to: int | None = None) -> None:
+        super().__init__()
+        self.dataset_dir = Path(dataset_dir)
+        self.split = split
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.seed, self.shuffle, self.pad_history_to = seed, shuffle, pad_history_to
+        manifest = load_manifest(self.dataset_dir)
+        self.features = feature_specs(manifest)
+        self.groups = list_row_groups(self.dataset_dir, split)
+        self.item_tokens = load_item_tokens(self.dataset_dir)[0] if with_tokens else None
+        self.columns = None  # all columns: the schema is the contract
+        self.epoch = 0
+        self._next = 0       # next batch index of this worker's next yield
+        self._resume: dict[str, Any] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self._next = 0
+
+    def plan(self) -> EpochPlan:
+        return EpochPlan(self.groups, self.epoch, self.seed, self.shuffle, self.rank,
+                         self.world_size, self.batch_size)
+
+    def __len__(self) -> int:
+        return self.plan().steps
+
+    def _read(self, plan: EpochPlan, k: int, cache: dict[str, Any]) -> tuple[pa.Table, np.ndarray]:
+        if cache.get("k") != k:
+            g = plan.groups[int(plan.order[k])]
+            try:
+                table = pq.ParquetFile(g.path).read_row_group(g.index, columns=self.columns)
+            except (pa.ArrowInvalid, OSError) as e:
+                raise DatasetError(f"{g.path}: row group {g.index} unreadable ({e})") from None
+            perm = plan.row_perm(k)
+            cache.update(k=k, table=table.take(perm), rows=g.offset + perm, path=g.path,
+                         index=g.index)
+        return cache["table"], cache["rows"]
+
+    def build(self, plan: EpochPlan, j: int, cache: dict[str, Any]) -> Batch:
+        parts, rows = [], []
+        for k, a, b in plan.segments(j):
+            table, row_ids = self._read(plan, k, cache)
+            parts.append(table.slice(a, b - a))
+            rows.append(row_ids[a:b])
+        table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+        where = f"{cache['path']} (row group {cache['index']})"
+        return build_batch(table, self.features, np.concatenate(rows), self.item_tokens, where,
+                           self.pad_history_to)
+
+    def __iter__(self):  # noqa: ANN204
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        plan = self.plan()
+        start = self._next
+        if self._resume is not None:
+            if self._resume["epoch"] == self.epoch:
+                start = self._resume["next"]
+            self._resume = None
+        cache: dict[str, Any] = {}
+        j = start if start % nw == wid else start + (wid - start % nw) % nw
+        while j < plan.steps:
+            batch = self.build(plan, j, cache)
+            self._next = j + nw
+            yield batch
+            j += nw
+        self._next = plan.steps
+
+    # ---- torchdata Stateful protocol (called in the worker that owns this copy) ---------
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "next": self._next, "seed": self.seed,
+                "rank": self.rank, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if (state["seed"], state["rank"], state["world_size"]) != (
+                self.seed, self.rank, self.world_size):
+            raise DatasetError(f"loader state for seed/rank/world {state['seed']}/"
+                               f"{state['rank']}/{state['world_size']} does not match this "
+                               f"reader ({self.seed}/{self.rank}/{self.world_size})")
+        self._resume = {"epoch": state["epoch"], "next": state["next"]}
+
+
+def build_loader(dataset_dir: str | Path, split: str, *, batch_size: int, rank: int = 0,
+                 world_size: int = 1, num_workers: int = 0, seed: int = 0, shuffle: bool = True,
+                 pad_history_to: int | None = None, with_tokens: bool = True
+                 ) -> StatefulDataLoader:
+    """A StatefulDataLoader over this rank's batches (batches are built in the dataset)."""
+    ds = StreamingSplit(dataset_dir, split, batch_size=batch_size, rank=rank,
+                        world_size=world_size, seed=seed, shuffle=shuffle,
+                        with_tokens=with_tokens, pad_history_to=pad_history_to)
+    return StatefulDataLoader(ds, batch_size=None, num_workers=num_workers,
+                              persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                              multiprocessing_context="fork" if num_workers else None)
+
+
+def steps_per_epoch(dataset_dir: str | Path, split: str, *, batch_size: int,
+                    world_size: int) -> int:
+    n = sum(g.rows for g in list_row_groups(Path(dataset_dir), split))
+    return -(-(-(-n // world_size)) // batch_size) if n else 0
