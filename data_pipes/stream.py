@@ -56,6 +56,12 @@ def list_row_groups(dataset_dir: Path, split: str) -> list[RowGroup]:
     return out
 
 
+def num_steps(n: int, world_size: int, batch_size: int) -> int:
+    """Steps every rank runs: enough for the largest rank slice, ceil(N/W) samples."""
+    largest = -(n // -world_size)
+    return -(largest // -batch_size)
+
+
 def batch_sizes(n_rank: int, steps: int, batch_size: int) -> list[int]:
     """Cuts n_rank samples into exactly `steps` non-empty batches of at most batch_size."""
     if n_rank < steps:
@@ -88,7 +94,7 @@ class EpochPlan:
         sizes = np.array([groups[i].rows for i in self.order], dtype=np.int64)
         self.starts = np.r_[0, np.cumsum(sizes)]          # sequence start of each ordered group
         lo, hi = n * rank // world_size, n * (rank + 1) // world_size
-        steps = -(-(-(-n // world_size)) // batch_size) if n else 0
+        steps = num_steps(n, world_size, batch_size)
         self.steps = steps
         bs = batch_sizes(hi - lo, steps, batch_size) if steps else []
         self.bounds = lo + np.r_[0, np.cumsum(bs)].astype(np.int64)
@@ -215,4 +221,4 @@ def build_loader(dataset_dir: str | Path, split: str, *, batch_size: int, rank: 
 def steps_per_epoch(dataset_dir: str | Path, split: str, *, batch_size: int,
                     world_size: int) -> int:
     n = sum(g.rows for g in list_row_groups(Path(dataset_dir), split))
-    return -(-(-(-n // world_size)) // batch_size) if n else 0
+    return num_steps(n, world_size, batch_size)
