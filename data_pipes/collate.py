@@ -7,6 +7,7 @@ maps ids to codes itself.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -65,32 +66,43 @@ def _np(col: pa.ChunkedArray) -> np.ndarray:
     return col.to_numpy() if col.num_chunks == 1 else col.combine_chunks().to_numpy()
 
 
-def check_ids(name: str, values: np.ndarray, cardinality: int, where: str) -> None:
+Where = str | Callable[[int], str]
+
+
+def _at(where: Where, row: int) -> str:
+    """Names the source of batch row `row` (a string, or a locator from the reader)."""
+    return where(row) if callable(where) else f"{where} (batch row {row})"
+
+
+def check_ids(name: str, values: np.ndarray, cardinality: int, where: Where,
+              rows: np.ndarray | None = None) -> None:
+    """`rows[k]` = batch row of values[k] (list columns); identity for scalar columns."""
     if values.size and (values.min() < 0 or values.max() >= cardinality):
         bad = int(np.flatnonzero((values < 0) | (values >= cardinality))[0])
-        raise DatasetError(f"{where}: field {name!r} has id {int(values[bad])} outside "
-                           f"[0, {cardinality}) declared in the manifest")
+        row = int(rows[bad]) if rows is not None else bad
+        raise DatasetError(f"{_at(where, row)}: field {name!r} has id {int(values[bad])} "
+                           f"outside [0, {cardinality}) declared in the manifest")
 
 
 def build_batch(table: pa.Table, features: list[FeatureSpec], row_ids: np.ndarray,
-                item_tokens: np.ndarray | None, where: str,
+                item_tokens: np.ndarray | None, where: Where,
                 pad_history_to: int | None = None) -> Batch:
     """Sample rows → Batch. `where` names the file/row group in errors."""
     b = table.num_rows
     missing = [c for c in (USER, ITEM, LABEL, HISTORY, *(f.name for f in features))
                if c not in table.column_names]
     if missing:
-        raise DatasetError(f"{where}: missing column(s) {missing}")
+        raise DatasetError(f"{_at(where, 0)}: missing column(s) {missing}")
     labels = _np(table.column(LABEL)).astype(np.float32)
     if not np.isin(labels, (0.0, 1.0)).all():
         bad = int(np.flatnonzero(~np.isin(labels, (0.0, 1.0)))[0])
-        raise DatasetError(f"{where}: row {bad}: label {labels[bad]!r} is not 0 or 1")
+        raise DatasetError(f"{_at(where, bad)}: label {float(labels[bad])} is not 0 or 1")
 
     lengths_all, values_all = [], []
     for f in features:
         if f.multi:
             lens, vals = _list_parts(table.column(f.name))
-            check_ids(f.name, vals, f.cardinality, where)
+            check_ids(f.name, vals, f.cardinality, where, np.repeat(np.arange(b), lens))
             keep = vals != 0
             if not keep.all():  # drop padding ids inside bags
                 seg = np.repeat(np.arange(b), lens)
@@ -111,12 +123,12 @@ def build_batch(table: pa.Table, features: list[FeatureSpec], row_ids: np.ndarra
     h_len, h_vals = _list_parts(table.column(HISTORY))
     item_card = next((f.cardinality for f in features if f.name == ITEM), None)
     if item_card is not None:
-        check_ids(HISTORY, h_vals, item_card, where)
+        check_ids(HISTORY, h_vals, item_card, where, np.repeat(np.arange(b), h_len))
     seq = KeyedJaggedTensor.from_lengths_sync(
         keys=[HISTORY_FEATURE], values=torch.from_numpy(h_vals), lengths=torch.from_numpy(h_len))
     width = int(pad_history_to) if pad_history_to else max(int(h_len.max(initial=0)), 1)
     if h_len.size and h_len.max(initial=0) > width:
-        raise DatasetError(f"{where}: history longer ({int(h_len.max())}) than pad_history_to")
+        raise DatasetError(f"{_at(where, int(h_len.argmax()))}: history longer ({int(h_len.max())}) than pad_history_to")
     hist = np.zeros((b, width), dtype=np.int64)
     rows = np.repeat(np.arange(b), h_len)
     cols = np.arange(h_vals.size) - np.repeat(np.cumsum(h_len) - h_len, h_len)
@@ -126,7 +138,7 @@ def build_batch(table: pa.Table, features: list[FeatureSpec], row_ids: np.ndarra
     if item_tokens is not None:
         if items.max(initial=0) >= item_tokens.shape[0] or (
                 h_vals.size and h_vals.max() >= item_tokens.shape[0]):
-            raise DatasetError(f"{where}: item id beyond the semantic-ID table "
+            raise DatasetError(f"{_at(where, 0)}: item id beyond the semantic-ID table "
                                f"({item_tokens.shape[0] - 1} items)")
         hist_tokens = item_tokens[hist].reshape(b, -1)     # item 0 → all-zero tokens
         target_tokens = item_tokens[items]

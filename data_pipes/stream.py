@@ -163,13 +163,21 @@ class StreamingSplit(IterableDataset):
         return cache["table"], cache["rows"]
 
     def build(self, plan: EpochPlan, j: int, cache: dict[str, Any]) -> Batch:
-        parts, rows = [], []
+        parts, rows, groups = [], [], []
         for k, a, b in plan.segments(j):
             table, row_ids = self._read(plan, k, cache)
             parts.append(table.slice(a, b - a))
             rows.append(row_ids[a:b])
+            groups.append(plan.groups[int(plan.order[k])])
         table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
-        where = f"{cache['path']} (row group {cache['index']})"
+
+        def where(row: int) -> str:  # only called to word an error
+            for g, r in zip(groups, rows, strict=True):
+                if row < len(r):
+                    return f"{g.path} (row group {g.index}, row {int(r[row]) - g.offset})"
+                row -= len(r)
+            return "?"
+
         return build_batch(table, self.features, np.concatenate(rows), self.item_tokens, where,
                            self.pad_history_to)
 

@@ -1,0 +1,123 @@
+"""Evaluation: `python -m genci_dist.evaluate --checkpoint RUN/checkpoints/best --split test`.
+
+Loads a DCP checkpoint at any world size and sharding plan: in one process without torchrun it
+builds the plain unsharded model and no process group (DCP's no-dist load); under torchrun it
+builds a DMP with the *current* sharding config (`--sharding.default_type row_wise`, ...) and
+DCP reshards. Writes metrics JSON (AUC, LogLoss, GAUC, RelaImpr against `--base`) and, with
+`--predictions`, a Parquet file of per-sample predictions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from genci_dist.distributed import DistEnv
+from genci_dist.metrics import MetricAccumulator, rela_impr
+
+
+@torch.no_grad()
+def evaluate_loader(model: torch.nn.Module, loader: Any, env: DistEnv,
+                    predictions: list[dict[str, Any]] | None = None) -> dict[str, float]:
+    """Runs `model` (a task module returning (loss, parts, logits, labels)) over every batch
+    of `loader` and returns metrics over all ranks' samples."""
+    was_training = model.training
+    model.eval()
+    acc = MetricAccumulator()
+    for batch in loader:
+        batch = batch.to(env.device)
+        _loss, _parts, logits, labels = model(batch)
+        acc.update(logits, labels, batch.user_ids)
+        if predictions is not None:
+            predictions.append({"row_id": batch.row_ids.cpu(), "user_id": batch.user_ids.cpu(),
+                                "item_id": batch.item_ids.cpu(), "label": labels.cpu(),
+                                "prob": torch.sigmoid(logits.float()).cpu()})
+    model.train(was_training)
+    return acc.compute(env)
+
+
+def _write_predictions(parts: list[dict[str, Any]], path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cols = {k: torch.cat([p[k] for p in parts]).numpy() for k in parts[0]} if parts else {}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    pq.write_table(pa.table(cols), tmp)
+    tmp.replace(path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    p = argparse.ArgumentParser(prog="genci-evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="a checkpoint folder (or its run folder)")
+    p.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    p.add_argument("--out", default=None, help="metrics JSON (default: <ckpt>/eval_<split>.json)")
+    p.add_argument("--predictions", default=None, help="write per-sample predictions (Parquet)")
+    p.add_argument("--base", default=None, help="metrics JSON of a base run for RelaImpr")
+    p.add_argument("--batch-size", type=int, default=0)
+    args, overrides = p.parse_known_args(sys.argv[1:] if argv is None else argv)
+
+    from data_pipes.schema import feature_specs, load_manifest
+    from data_pipes.stream import build_loader
+    from genci_dist.checkpoint import load_checkpoint_config, load_model_only
+    from genci_dist.config import ConfigError
+    from genci_dist.model.build import build_task, load_generation_assets
+
+    ckpt = Path(args.checkpoint)
+    try:
+        cfg = load_checkpoint_config(ckpt, overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    env = DistEnv.init(cfg.train.device)
+    try:
+        dataset_dir = Path(cfg.data.dir)
+        manifest = load_manifest(dataset_dir)
+        assets = load_generation_assets(dataset_dir, manifest, cfg.model)
+        if env.world_size == 1:
+            model = build_task(cfg.model, feature_specs(manifest), assets, device=env.device)
+            load_model_only(model, ckpt)
+        else:
+            from genci_dist.checkpoint import load_model_sharded
+            from genci_dist.sharding import build_dmp
+
+            task = build_task(cfg.model, feature_specs(manifest), assets,
+                              device=torch.device("meta"))
+            model, _plan = build_dmp(task, env, cfg.sharding)
+            load_model_sharded(model, ckpt)
+        batch = (args.batch_size or cfg.data.eval_batch_size) // env.world_size
+        loader = build_loader(dataset_dir, args.split, batch_size=batch, rank=env.rank,
+                              world_size=env.world_size, num_workers=cfg.data.num_workers,
+                              seed=cfg.data.seed, shuffle=False,
+                              with_tokens=cfg.model.name == "genci")
+        preds: list[dict[str, Any]] | None = [] if args.predictions else None
+        metrics = evaluate_loader(model, loader, env, preds)
+        metrics = {"model": cfg.model.name, "split": args.split, "world_size": env.world_size,
+                   "checkpoint": str(ckpt), **metrics}
+        if args.base:
+            base = json.loads(Path(args.base).read_text())
+            base_auc = base[args.split]["auc"] if args.split in base else base["auc"]
+            metrics["rela_impr_pct"] = rela_impr(metrics["auc"], base_auc)
+            metrics["base"] = args.base
+        if preds is not None:
+            _write_predictions(preds, Path(f"{args.predictions}.rank{env.rank}")
+                               if env.world_size > 1 else Path(args.predictions))
+        if env.rank == 0:
+            out = Path(args.out) if args.out else ckpt / f"eval_{args.split}.json"
+            out.write_text(json.dumps(metrics, indent=2))
+            print(json.dumps(metrics), flush=True)
+    finally:
+        env.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,222 @@
+"""The training loop: epochs over the streaming loader, valid evaluation each epoch, early
+stopping on valid AUC, checkpoints, and the test evaluation of the best checkpoint.
+
+Everything distributed is delegated: `distributed` (process group), `sharding` (planner, DMP,
+optimizers), `checkpoint` (DCP), `metrics`; the model family comes from `model.build`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data_pipes.schema import feature_specs, load_manifest
+from data_pipes.stream import build_loader
+from genci_dist.checkpoint import CheckpointManager
+from genci_dist.config import JobConfig, save_config
+from genci_dist.datasets import ensure_dataset
+from genci_dist.distributed import DistEnv
+from genci_dist.evaluate import evaluate_loader
+from genci_dist.model.build import build_task, load_generation_assets
+from genci_dist.sharding import build_dmp, build_lr_scheduler, build_optimizer, describe_plan
+from genci_dist.steplog import ScalarWriter, StepTimer, format_step_line
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed)  # same dense init on every rank (DDP also broadcasts it)
+
+
+class Trainer:
+    def __init__(self, cfg: JobConfig, env: DistEnv) -> None:
+        self.cfg = cfg
+        self.env = env
+        self.run_dir = Path(cfg.train.run_dir)
+        self.is_main = env.rank == 0
+        if cfg.data.batch_size % env.world_size:
+            raise ValueError(f"data.batch_size {cfg.data.batch_size} is not divisible by the "
+                             f"world size {env.world_size}")
+        self.local_batch = cfg.data.batch_size // env.world_size
+        seed_everything(cfg.train.seed, env.rank)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+
+        needs_ids = cfg.model.name == "genci"
+        self.dataset_dir = ensure_dataset(cfg, env, need_semantic_ids=needs_ids)
+        self.manifest = load_manifest(self.dataset_dir)
+        features = feature_specs(self.manifest)
+        assets = load_generation_assets(self.dataset_dir, self.manifest, cfg.model)
+        task = build_task(cfg.model, features, assets, device=torch.device("meta"))
+        self.dmp, self.plan = build_dmp(task, env, cfg.sharding)
+        self.train_loader = self._loader("train", shuffle=True, batch=self.local_batch)
+        self.optimizer = build_optimizer(self.dmp, cfg.train.lr, cfg.train.weight_decay)
+        total = cfg.train.max_steps or cfg.train.epochs * len(self.train_loader)
+        self.scheduler = build_lr_scheduler(self.optimizer, cfg.train.warmup_steps, total,
+                                            cfg.train.lr_schedule)
+        self.semantic_hash = assets.content_hash if assets is not None else ""
+
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", env,
+                                      keep_last=cfg.checkpoint.keep_last,
+                                      keep_best=cfg.checkpoint.keep_best)
+        self.step = 0
+        self.epoch = 0
+        self.best_auc = -1.0
+        self.best_epoch = -1
+        self.bad_epochs = 0
+        self.history: list[dict[str, Any]] = []
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.toml")
+            (self.run_dir / "plan.txt").write_text(describe_plan(self.plan))
+            print(cfg.to_toml(), flush=True)
+            print(f"[plan]\n{describe_plan(self.plan)}", flush=True)
+        tb_dir = self.run_dir / "tensorboard" if (self.is_main and cfg.train.tensorboard) else None
+        self.tb = ScalarWriter(tb_dir)
+        if cfg.checkpoint.enabled and cfg.checkpoint.resume == "auto":
+            self._resume()
+
+    # ---- pieces -------------------------------------------------------------------------
+    def _loader(self, split: str, shuffle: bool, batch: int) -> Any:
+        d = self.cfg.data
+        return build_loader(
+            self.dataset_dir, split, batch_size=batch, rank=self.env.rank,
+            world_size=self.env.world_size, num_workers=d.num_workers, seed=d.seed,
+            shuffle=shuffle, pad_history_to=d.pad_history_to or None,
+            with_tokens=self.cfg.model.name == "genci")
+
+    def _train_state(self) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.epoch, "best_auc": self.best_auc,
+                "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
+                "history": self.history}
+
+    def _save(self, metric: float | None) -> None:
+        if not self.cfg.checkpoint.enabled:
+            return
+        self.ckpt.save(step=self.step, model=self.dmp, optimizer=self.optimizer,
+                       scheduler=self.scheduler, loader=self.train_loader,
+                       train_state=self._train_state(), config=self.cfg,
+                       semantic_hash=self.semantic_hash, metric=metric, plan=self.plan)
+
+    def _resume(self) -> None:
+        state = self.ckpt.load_latest(model=self.dmp, optimizer=self.optimizer,
+                                      scheduler=self.scheduler, loader=self.train_loader,
+                                      config=self.cfg, semantic_hash=self.semantic_hash)
+        if state is None:
+            return
+        for key in ("step", "epoch", "best_auc", "best_epoch", "bad_epochs", "history"):
+            setattr(self, key, state[key])
+        if self.is_main:
+            print(f"[resume] step {self.step}, epoch {self.epoch}", flush=True)
+
+    # ---- loop ---------------------------------------------------------------------------
+    def _train_epoch(self) -> bool:
+        """One epoch (or what is left of it after a resume). Returns False at max_steps."""
+        cfg = self.cfg
+        self.dmp.train()
+        timer = StepTimer()
+        n_steps = len(self.train_loader) if hasattr(self.train_loader, "__len__") else None
+        bar = tqdm(total=n_steps, desc=f"epoch {self.epoch}", disable=not (
+            self.is_main and cfg.train.progress_bar), leave=False, dynamic_ncols=True)
+        sums: dict[str, float] = {}
+        count = 0
+        it = iter(self.train_loader)
+        while True:
+            with timer.phase("data"):
+                batch = next(it, None)
+            if batch is None:
+                break
+            batch = batch.to(self.env.device)
+            with timer.phase("forward"):
+                loss, parts, _logits, _labels = self.dmp(batch)
+            with timer.phase("backward"):
+                self.optimizer.zero_grad()
+                loss.backward()
+            with timer.phase("optimizer"):
+                self.optimizer.step()
+                self.scheduler.step()
+            self.step += 1
+            timer.add_samples(batch.size * self.env.world_size)
+            values = {"loss": float(loss.detach())} | {k: float(v) for k, v in parts.items()}
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v
+            count += 1
+            bar.update(1)
+            if self.step % cfg.train.log_every == 0:
+                timing = timer.report()
+                lr = self.scheduler.get_last_lr()[0]
+                if self.is_main:
+                    tqdm.write(format_step_line(self.epoch, self.step, values, timing, lr))
+                self.tb.add("train", values | {"samples_per_s": timing["samples_per_s"]},
+                            self.step)
+            every = cfg.checkpoint.every_n_steps
+            if every and self.step % every == 0:
+                self._save(metric=None)
+            if cfg.train.max_steps and self.step >= cfg.train.max_steps:
+                bar.close()
+                self._last_train = {k: v / max(count, 1) for k, v in sums.items()}
+                return False
+        bar.close()
+        self._last_train = {k: v / max(count, 1) for k, v in sums.items()}
+        return True
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        loader = self._loader(split, shuffle=False, batch=self.cfg.data.eval_batch_size
+                              // self.env.world_size)
+        return evaluate_loader(self.dmp, loader, self.env)
+
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        self._last_train: dict[str, float] = {}
+        while self.epoch < cfg.train.epochs:
+            self.train_loader.dataset.set_epoch(self.epoch)
+            t_epoch = time.perf_counter()
+            finished = self._train_epoch()
+            valid = self.evaluate("valid")
+            record = {"epoch": self.epoch, "step": self.step,
+                      "train": self._last_train, "valid": valid,
+                      "epoch_s": time.perf_counter() - t_epoch}
+            self.history.append(record)
+            self.tb.add("valid", valid, self.step)
+            improved = valid["auc"] > self.best_auc
+            if improved:
+                self.best_auc, self.best_epoch, self.bad_epochs = valid["auc"], self.epoch, 0
+            else:
+                self.bad_epochs += 1
+            if self.is_main:
+                print(f"[valid] epoch {self.epoch}: " + " ".join(
+                    f"{k} {v:.4f}" for k, v in valid.items()) +
+                    f" | best epoch {self.best_epoch}", flush=True)
+            self.epoch += 1
+            self._save(metric=valid["auc"])
+            if not finished or self.bad_epochs >= cfg.train.patience:
+                break
+        return self._finish(time.perf_counter() - t0)
+
+    def _finish(self, wall: float) -> dict[str, Any]:
+        if self.cfg.checkpoint.enabled and self.cfg.checkpoint.keep_best:
+            self.ckpt.load_best(model=self.dmp)
+        results: dict[str, Any] = {"best_epoch": self.best_epoch, "best_valid_auc": self.best_auc,
+                                   "steps": self.step, "train_wall_s": wall,
+                                   "world_size": self.env.world_size,
+                                   "model": self.cfg.model.name}
+        for split in self.cfg.eval.splits:
+            results[split] = self.evaluate(split)
+        results["history"] = self.history
+        if self.is_main:
+            (self.run_dir / "metrics.json").write_text(json.dumps(results, indent=2))
+            print("[result] " + json.dumps({s: results[s] for s in self.cfg.eval.splits}),
+                  flush=True)
+            from genci_dist.report import write_training_curves
+
+            write_training_curves(self.history, self.run_dir)
+        self.tb.close()
+        return results
