@@ -41,7 +41,7 @@ class DataConfig:
     """What `prepare_if_missing` builds when `dir` has no manifest ("none": fail instead)."""
     synthetic_scale: float = 0.01
     """Scale factor for source = "synthetic" (1.0 ≈ Amazon-Instrument)."""
-    split: Literal["temporal", "random"] = "temporal"
+    split: Literal["temporal", "random", "leave_one_out"] = "temporal"
     max_history: int = 50
     batch_size: int = 1024
     """Global batch size: each of W ranks reads batch_size // W samples a step."""

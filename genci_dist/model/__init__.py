@@ -1,0 +1,1 @@
+"""GenCI and its baselines. No torch.distributed here: DMP shards the EBCs from outside."""

@@ -1,0 +1,58 @@
+"""The model section of a job config (SPEC §4; defaults = the official MovieLens setup)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: Literal["genci", "deepfm", "dcnv2", "din"] = "genci"
+    embedding_dim: int = 16
+    """e: width of every raw-feature embedding."""
+    mlp: tuple[int, ...] = (256, 256, 256)
+    """Prediction MLP (Eq. 10) hidden widths."""
+    dropout: float = 0.1
+    # --- generator (T5) -----------------------------------------------------------------
+    d_model: int = 64
+    d_ff: int = 64
+    num_encoder_layers: int = 2
+    num_decoder_layers: int = 3
+    num_heads: int = 8
+    d_kv: int = 32
+    t5_dropout: float = 0.0
+    beam_width: int = 1
+    """Constrained beam search width (1 = greedy, the official setting)."""
+    ntp_on: Literal["positive", "all"] = "positive"
+    """L_NTP on clicked targets only (SPEC default) or on every sample (official code)."""
+    # --- hierarchical intent (Eqs. 7-9) -------------------------------------------------
+    cohort_mode: Literal["code", "prefix"] = "code"
+    cohort_repr: Literal["member_mean", "table"] = "member_mean"
+    cohort_member_cap: int = 256
+    """member_mean: larger cohorts use an evenly spaced deterministic sample of this size."""
+    attn_heads: int = 2
+    attn_dropout: float = 0.2
+    share_attention: bool = False
+    """True reproduces the official code's single module for Eqs. 8 and 9."""
+    # --- losses and ablations (Eq. 12, Table 4) ------------------------------------------
+    mu: float = 1.0
+    eta: float = 1.0
+    sr_detach_teacher: bool = False
+    use_st_intent: bool = True
+    use_lt_intent: bool = True
+    use_sr: bool = True
+    use_ntp: bool = True
+    # --- baselines ----------------------------------------------------------------------
+    deepfm_mlp: tuple[int, ...] = (128, 128, 128)
+    deepfm_dropout: float = 0.3
+    dcn_cross_layers: int = 3
+    din_attention_mlp: tuple[int, ...] = (64, 32)
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.attn_heads:
+            raise ValueError("model.d_model must be divisible by model.attn_heads")
+        if self.beam_width < 1:
+            raise ValueError("model.beam_width must be >= 1")
+        if self.name == "genci" and not (self.use_st_intent or self.use_lt_intent):
+            raise ValueError("model: use_st_intent and use_lt_intent cannot both be false")
