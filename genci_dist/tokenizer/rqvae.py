@@ -1,0 +1,289 @@
+"""RQ-VAE (paper §2.2.1, Eq. 3; TIGER's tokenizer): MLP encoder → N-level residual quantiser
+→ MLP decoder, trained on the item text embeddings.
+
+Own code rather than vector-quantize-pytorch's ResidualVQ: that library is not installed (the
+project pins its stack and installs nothing extra), and what we need is small — exact Eq. 3
+argmin codes, k-means initialisation on the encoded residuals of *all* items (they are few),
+EMA or straight-through updates, dead-code reset from batch residuals, and bit-for-bit seeded
+determinism — all of which are tested against a direct float64 computation of Eq. 3.
+
+Shapes: x [B, D_in] embeddings, z [B, D] latents, codebooks [N, K, D], codes [B, N].
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from genci_dist.tokenizer.config import TokenizerConfig
+
+_DIST_CHUNK = 2048
+
+
+def squared_distances(r: Tensor, codebook: Tensor) -> Tensor:
+    """||r_b - c_k||^2 computed from the differences (no ||r||^2 - 2 r.c + ||c||^2 expansion,
+    whose cancellation can flip a near-tie argmin). r [B, D], codebook [K, D] → [B, K]."""
+    return (r.unsqueeze(1) - codebook.unsqueeze(0)).pow(2).sum(-1)
+
+
+def nearest_code(r: Tensor, codebook: Tensor, exact: bool = True) -> Tensor:
+    """argmin_k ||r_b - c_k||^2 (ties → lowest k), chunked over B. → LongTensor [B].
+    exact=False uses the matmul expansion (several times faster; near-ties may differ) — for
+    training steps only; the semantic IDs themselves always come from the exact form."""
+    if not exact:
+        return (codebook.pow(2).sum(1) - 2 * r @ codebook.T).argmin(1)
+    out = [squared_distances(chunk, codebook).argmin(1) for chunk in r.split(_DIST_CHUNK)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def residual_quantize(x: Tensor, codebooks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Eq. 3: z_n = argmin_k ||r_n - c^n_k||^2, r_{n+1} = r_n - c^n_{z_n}, r_1 = x.
+
+    Returns codes [B, N] (long), quantized = sum_n c^n_{z_n} [B, D] and the residuals
+    r_1..r_N entering each level [B, N, D]."""
+    r = x
+    codes, residuals = [], []
+    quantized = torch.zeros_like(x)
+    for n in range(codebooks.shape[0]):
+        z = nearest_code(r, codebooks[n])
+        q = codebooks[n][z]
+        codes.append(z)
+        residuals.append(r)
+        quantized = quantized + q
+        r = r - q
+    return torch.stack(codes, 1), quantized, torch.stack(residuals, 1)
+
+
+def kmeans(points: Tensor, k: int, seed: int, iters: int) -> Tensor:
+    """k centres [k, D] for points [M, D] (scikit-learn k-means++ / Lloyd, seeded). With fewer
+    distinct points than k, the missing centres are jittered copies of points."""
+    from sklearn.cluster import KMeans
+
+    pts = points.detach().double().numpy()
+    n_unique = len(np.unique(pts, axis=0))
+    if n_unique >= k:
+        km = KMeans(n_clusters=k, n_init=1, max_iter=iters, random_state=seed).fit(pts)
+        centres = km.cluster_centers_
+    else:
+        rng = np.random.default_rng(seed)
+        base = np.unique(pts, axis=0)
+        extra = base[rng.integers(0, len(base), k - len(base))]
+        scale = 1e-3 * (pts.std() + 1e-12)
+        centres = np.concatenate([base, extra + rng.normal(0, scale, extra.shape)])
+    return torch.from_numpy(centres).to(points.dtype)
+
+
+def _mlp(dims: list[int], dropout: float) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+        layers.append(nn.Linear(a, b))
+        if i < len(dims) - 2:
+            layers.append(nn.ReLU())
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+class ResidualQuantizer(nn.Module):
+    """N codebooks of K codes of dimension D, trained by EMA or straight-through."""
+
+    def __init__(self, levels: int, codebook_size: int, dim: int, *, beta: float = 0.25,
+                 mode: str = "ema", ema_decay: float = 0.95) -> None:
+        super().__init__()
+        if mode not in ("ema", "ste"):
+            raise ValueError(f"quantizer mode must be 'ema' or 'ste', got {mode!r}")
+        self.levels, self.codebook_size, self.dim = levels, codebook_size, dim
+        self.beta, self.mode, self.ema_decay = beta, mode, ema_decay
+        self.codebooks = nn.Parameter(torch.randn(levels, codebook_size, dim) / math.sqrt(dim),
+                                      requires_grad=(mode == "ste"))
+        self.register_buffer("ema_count", torch.ones(levels, codebook_size))
+        self.register_buffer("ema_sum", self.codebooks.detach().clone())
+        self.register_buffer("steps_unused", torch.zeros(levels, codebook_size, dtype=torch.long))
+
+    @torch.no_grad()
+    def init_kmeans(self, z: Tensor, seed: int, iters: int) -> None:
+        """Codebook n ← k-means of the level-n residuals of all latents z [M, D]."""
+        r = z.detach()
+        for n in range(self.levels):
+            centres = kmeans(r, self.codebook_size, seed + n, iters).to(r.dtype)
+            self.codebooks.data[n] = centres
+            r = r - centres[nearest_code(r, centres)]
+        self.ema_sum.copy_(self.codebooks.data)
+        self.ema_count.fill_(1.0)
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """z [B, D] → (z_q [B, D] straight-through, codes [B, N], vq loss scalar,
+        residuals [B, N, D] detached). EMA statistics are updated in training mode."""
+        r = z
+        z_hat = torch.zeros_like(z)
+        loss = z.new_zeros(())
+        codes, residuals = [], []
+        for n in range(self.levels):
+            cb = self.codebooks[n]
+            idx = nearest_code(r.detach(), cb.detach(), exact=not self.training)
+            q = cb[idx]
+            if self.mode == "ste":
+                loss = loss + (q - r.detach()).pow(2).mean() + self.beta * (r - q.detach()).pow(2).mean()
+            else:
+                loss = loss + self.beta * (r - q.detach()).pow(2).mean()
+                if self.training:
+                    self._ema_update(n, r.detach(), idx)
+            codes.append(idx)
+            residuals.append(r.detach())
+            z_hat = z_hat + q.detach()
+            r = r - q.detach()
+        z_q = z + (z_hat - z).detach()
+        return z_q, torch.stack(codes, 1), loss, torch.stack(residuals, 1)
+
+    @torch.no_grad()
+    def _ema_update(self, n: int, r: Tensor, idx: Tensor) -> None:
+        k, d = self.codebook_size, self.ema_decay
+        counts = torch.bincount(idx, minlength=k).to(r.dtype)
+        sums = torch.zeros(k, r.shape[1], dtype=r.dtype).index_add_(0, idx, r)
+        self.ema_count[n].mul_(d).add_(counts, alpha=1 - d)
+        self.ema_sum[n].mul_(d).add_(sums, alpha=1 - d)
+        total = self.ema_count[n].sum()
+        eps = 1e-5
+        smoothed = (self.ema_count[n] + eps) / (total + k * eps) * total
+        self.codebooks.data[n] = self.ema_sum[n] / smoothed.unsqueeze(1)
+
+    @torch.no_grad()
+    def reset_dead_codes(self, codes: Tensor, residuals: Tensor, threshold: int,
+                         generator: torch.Generator, allow_reset: bool) -> int:
+        """Counts steps since each code was chosen (codes [B, N] of this step); codes idle for
+        >= threshold steps get a random residual of this batch (residuals [B, N, D]).
+        Returns how many codes were reset."""
+        n_reset = 0
+        b = codes.shape[0]
+        for n in range(self.levels):
+            used = torch.bincount(codes[:, n], minlength=self.codebook_size) > 0
+            self.steps_unused[n] += 1
+            self.steps_unused[n][used] = 0
+            if not allow_reset or threshold <= 0:
+                continue
+            dead = (self.steps_unused[n] >= threshold).nonzero().squeeze(1)
+            if dead.numel() == 0:
+                continue
+            if dead.numel() <= b:
+                pick = torch.randperm(b, generator=generator)[: dead.numel()]
+            else:
+                pick = torch.randint(0, b, (dead.numel(),), generator=generator)
+            new = residuals[pick, n]
+            self.codebooks.data[n, dead] = new
+            self.ema_sum[n, dead] = new
+            self.ema_count[n, dead] = 1.0
+            self.steps_unused[n, dead] = 0
+            n_reset += dead.numel()
+        return n_reset
+
+
+class RQVAE(nn.Module):
+    """Embedding x [B, D_in] → encoder → z [B, D] → residual quantiser → decoder → x̂."""
+
+    def __init__(self, in_dim: int, cfg: TokenizerConfig) -> None:
+        super().__init__()
+        dims = [in_dim, *cfg.hidden_dims, cfg.latent_dim]
+        self.encoder = _mlp(dims, cfg.dropout)
+        self.decoder = _mlp(dims[::-1], cfg.dropout)
+        self.quantizer = ResidualQuantizer(cfg.levels, cfg.codebook_size, cfg.latent_dim,
+                                           beta=cfg.beta, mode=cfg.quantizer,
+                                           ema_decay=cfg.ema_decay)
+        # Inputs are standardised (sentence embeddings are unit vectors with tiny coordinates).
+        self.register_buffer("x_mean", torch.zeros(in_dim))
+        self.register_buffer("x_scale", torch.ones(()))
+
+    @torch.no_grad()
+    def fit_normalisation(self, x: Tensor) -> None:
+        self.x_mean.copy_(x.mean(0))
+        self.x_scale.copy_((x - self.x_mean).pow(2).mean().sqrt().clamp_min(1e-12))
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.encoder((x - self.x_mean) / self.x_scale)
+
+    def decode(self, z_q: Tensor) -> Tensor:
+        return self.decoder(z_q) * self.x_scale + self.x_mean
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """→ (x̂ [B, D_in], codes [B, N], recon loss, vq loss, residuals [B, N, D]); the recon
+        loss is measured in standardised units."""
+        z_q, codes, vq_loss, residuals = self.quantizer(self.encode(x))
+        x_hat = self.decode(z_q)
+        recon = ((x_hat - x) / self.x_scale).pow(2).mean()
+        return x_hat, codes, recon, vq_loss, residuals
+
+    @torch.no_grad()
+    def tokenize(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Deterministic inference: codes [M, N] (Eq. 3 on the encoded x) and x̂ [M, D_in]."""
+        was = self.training
+        self.eval()
+        codes, quantized, _ = residual_quantize(self.encode(x), self.quantizer.codebooks.detach())
+        x_hat = self.decode(quantized)
+        self.train(was)
+        return codes, x_hat
+
+
+@dataclass
+class TrainStats:
+    steps: int
+    codes_reset: int
+    final_loss: float
+    final_recon: float
+
+
+def _batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[Tensor]:
+    # Near-equal batches: a tiny last batch would make the EMA statistics jumpy.
+    perm = torch.randperm(n, generator=gen)
+    yield from perm.tensor_split(max(1, math.ceil(n / batch_size)))
+
+
+def train_rqvae(embeddings: np.ndarray, cfg: TokenizerConfig,
+                progress: bool = False) -> tuple[RQVAE, TrainStats]:
+    """Trains an RQ-VAE on embeddings [M, D_in]; same inputs + seed → identical weights
+    (for a given thread count)."""
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # free here: every op used has a CPU fast path
+    try:
+        return _train(embeddings, cfg, progress)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+def _train(embeddings: np.ndarray, cfg: TokenizerConfig,
+           progress: bool) -> tuple[RQVAE, TrainStats]:
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    x = torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32))
+    model = RQVAE(x.shape[1], cfg)
+    model.fit_normalisation(x)
+    if cfg.kmeans_init:
+        with torch.no_grad():
+            model.quantizer.init_kmeans(model.encode(x), cfg.seed, cfg.kmeans_iters)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, math.ceil(x.shape[0] / cfg.batch_size))
+    reset_stop = int(cfg.reset_until * cfg.epochs * steps_per_epoch)
+    step = n_reset = 0
+    loss_v = recon_v = float("nan")
+    model.train()
+    bar = tqdm(range(cfg.epochs), desc="rq-vae", disable=not progress, unit="ep")
+    for _ in bar:
+        for idx in _batches(x.shape[0], cfg.batch_size, gen):
+            _, codes, recon, vq, residuals = model(x[idx])
+            loss = recon + vq
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            n_reset += model.quantizer.reset_dead_codes(
+                codes, residuals, cfg.dead_code_threshold, gen, allow_reset=step < reset_stop)
+            step += 1
+            loss_v, recon_v = loss.item(), recon.item()
+        bar.set_postfix(loss=f"{loss_v:.4f}", recon=f"{recon_v:.4f}", reset=n_reset)
+    model.eval()
+    return model, TrainStats(step, n_reset, loss_v, recon_v)
