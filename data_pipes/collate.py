@@ -86,8 +86,9 @@ def check_ids(name: str, values: np.ndarray, cardinality: int, where: Where,
 
 def build_batch(table: pa.Table, features: list[FeatureSpec], row_ids: np.ndarray,
                 item_tokens: np.ndarray | None, where: Where,
-                pad_history_to: int | None = None) -> Batch:
-    """Sample rows → Batch. `where` names the file/row group in errors."""
+                pad_history_to: int | None = None, max_history: int | None = None) -> Batch:
+    """Sample rows → Batch. `where` names the file/row group in errors. `max_history` keeps
+    only the most recent items of longer stored histories (shorter sequences at read time)."""
     b = table.num_rows
     missing = [c for c in (USER, ITEM, LABEL, HISTORY, *(f.name for f in features))
                if c not in table.column_names]
@@ -121,6 +122,12 @@ def build_batch(table: pa.Table, features: list[FeatureSpec], row_ids: np.ndarra
         lengths=torch.from_numpy(np.concatenate(lengths_all)))
 
     h_len, h_vals = _list_parts(table.column(HISTORY))
+    if max_history is not None and h_len.size and h_len.max() > max_history:
+        ends = np.cumsum(h_len)
+        keep_len = np.minimum(h_len, max_history)
+        pos = np.arange(h_vals.size) - np.repeat(ends - h_len, h_len)   # index inside history
+        h_vals = h_vals[pos >= np.repeat(h_len - keep_len, h_len)]
+        h_len = keep_len
     item_card = next((f.cardinality for f in features if f.name == ITEM), None)
     if item_card is not None:
         check_ids(HISTORY, h_vals, item_card, where, np.repeat(np.arange(b), h_len))

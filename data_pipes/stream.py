@@ -124,8 +124,9 @@ class StreamingSplit(IterableDataset):
 
     def __init__(self, dataset_dir: str | Path, split: str, *, batch_size: int, rank: int,
                  world_size: int, seed: int, shuffle: bool, with_tokens: bool = True,
-                 pad_history_to: int | None = None) -> None:
+                 pad_history_to: int | None = None, max_history: int | None = None) -> None:
         super().__init__()
+        self.max_history = max_history
         self.dataset_dir = Path(dataset_dir)
         self.split = split
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
@@ -179,7 +180,7 @@ class StreamingSplit(IterableDataset):
             return "?"
 
         return build_batch(table, self.features, np.concatenate(rows), self.item_tokens, where,
-                           self.pad_history_to)
+                           self.pad_history_to, self.max_history)
 
     def __iter__(self):  # noqa: ANN204
         info = get_worker_info()
@@ -215,12 +216,13 @@ class StreamingSplit(IterableDataset):
 
 def build_loader(dataset_dir: str | Path, split: str, *, batch_size: int, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, seed: int = 0, shuffle: bool = True,
-                 pad_history_to: int | None = None, with_tokens: bool = True
-                 ) -> StatefulDataLoader:
+                 pad_history_to: int | None = None, with_tokens: bool = True,
+                 max_history: int | None = None) -> StatefulDataLoader:
     """A StatefulDataLoader over this rank's batches (batches are built in the dataset)."""
     ds = StreamingSplit(dataset_dir, split, batch_size=batch_size, rank=rank,
                         world_size=world_size, seed=seed, shuffle=shuffle,
-                        with_tokens=with_tokens, pad_history_to=pad_history_to)
+                        with_tokens=with_tokens, pad_history_to=pad_history_to,
+                        max_history=max_history)
     return StatefulDataLoader(ds, batch_size=None, num_workers=num_workers,
                               persistent_workers=False, pin_memory=torch.cuda.is_available(),
                               multiprocessing_context="fork" if num_workers else None)

@@ -43,6 +43,8 @@ class DataConfig:
     """Scale factor for source = "synthetic" (1.0 ≈ Amazon-Instrument)."""
     split: Literal["temporal", "random", "leave_one_out"] = "temporal"
     max_history: int = 50
+    """Histories used by the model: the most recent max_history items (the prepared data
+    may store more; preparing a missing dataset stores this many)."""
     batch_size: int = 1024
     """Global batch size: each of W ranks reads batch_size // W samples a step."""
     eval_batch_size: int = 4096

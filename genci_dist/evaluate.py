@@ -97,7 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         loader = build_loader(dataset_dir, args.split, batch_size=batch, rank=env.rank,
                               world_size=env.world_size, num_workers=cfg.data.num_workers,
                               seed=cfg.data.seed, shuffle=False,
-                              with_tokens=cfg.model.name == "genci")
+                              with_tokens=cfg.model.name == "genci",
+                              max_history=cfg.data.max_history)
         preds: list[dict[str, Any]] | None = [] if args.predictions else None
         metrics = evaluate_loader(model, loader, env, preds)
         metrics = {"model": cfg.model.name, "split": args.split, "world_size": env.world_size,

@@ -3,17 +3,17 @@
 # semantic IDs → train GenCI and DeepFM on 2 CPU ranks via TorchX → evaluate each best
 # checkpoint resharded into 1 plain process → print the results side by side.
 #
-# Environment knobs: EPOCHS (default 2, the paper's protocol is early stopping = ~6-10 epochs:
+# Environment knobs: EPOCHS (default 1, the paper's protocol is early stopping = ~6-10 epochs:
 # EPOCHS=20), RUNS (default runs/quickstart), NPROC (default 2).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 ./launchers/install.sh
 export PATH="$root/.venv/bin:$PATH" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-EPOCHS="${EPOCHS:-2}"
+EPOCHS="${EPOCHS:-1}"
 RUNS="${RUNS:-runs/quickstart}"
 NPROC="${NPROC:-2}"
-CONFIG=configs/ml100k.toml
+CONFIG=configs/quickstart.toml
 t0=$(date +%s)
 
 if [ ! -f data/ml-100k/manifest.json ]; then

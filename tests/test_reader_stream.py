@@ -117,6 +117,10 @@ def test_batch_layout_on_a_hand_built_case() -> None:
     assert b.row_ids.tolist() == [10, 11]
     padded = build_batch(table, features, np.array([0, 1]), tokens, "case", pad_history_to=5)
     assert padded.history.shape == (2, 5)
+    short = build_batch(table, features, np.array([0, 1]), tokens, "case", max_history=2)
+    assert short.history.tolist() == [[2, 4], [0, 0]]        # the most recent two, in order
+    assert short.sequence_features.values().tolist() == [2, 4]
+    assert short.history_tokens[0, :3].tolist() == tokens[2].tolist()
 
 
 def test_bad_rows_name_file_and_field(tmp_path: Path) -> None:
