@@ -7,7 +7,6 @@
 Every extra argument after `--` is passed to the trainer as a dotted config override.
 """
 
-from __future__ import annotations
 
 import torchx.specs as specs
 from torchx.components import dist
