@@ -191,6 +191,8 @@ class StreamingSplit(IterableDataset):
             if self._resume["epoch"] == self.epoch:
                 start = self._resume["next"]
             self._resume = None
+        if start >= plan.steps:  # a finished epoch iterated again starts over
+            start = 0
         cache: dict[str, Any] = {}
         j = start if start % nw == wid else start + (wid - start % nw) % nw
         while j < plan.steps:
