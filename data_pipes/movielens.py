@@ -3,7 +3,7 @@
 installed), and raw MovieLens `.dat` files (`ratings.dat`, `movies.dat`, `users.dat`).
 
 Features: user_id, gender, age, occupation (zip dropped); item_id, release_year, genres (bag).
-Item text: "title; genre genre ...".
+Item text: "title (year); genre genre ...".
 """
 
 from __future__ import annotations
@@ -224,7 +224,10 @@ def to_tables(raw: RawMovieLens) -> tuple[Interactions, SideTable, SideTable]:
     values = np.array([vocab_g[g] for gs in genres for g in gs], dtype=np.int32)
     genre_list = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)),
                                           pa.array(values, pa.int32()))
-    text = [f"{raw.titles[k]}; {' '.join(raw.genres[k])}" for k in ii]
+    # "title (year); genres": without the year, remakes that share a title and genres (five
+    # ML-1M films are "Hamlet; Drama") get identical texts and so identical semantic IDs.
+    text = [f"{raw.titles[k]}{f' ({raw.years[k]})' if raw.years[k] else ''}; "
+            f"{' '.join(raw.genres[k])}" for k in ii]
     item = SideTable(i_vocab, {"release_year": pad(_encode(raw.years[ii]))},
                      {"genres": genre_list}, text)
     return inter, user, item
