@@ -1,10 +1,11 @@
 """The one module that owns metrics: AUC, LogLoss, GAUC, RelaImpr (paper Eq. 13).
 
 Exact, not binned: every rank's (logit, label, user) triples are gathered and the metrics
-computed once over all of them. AUC comes from torchmetrics' `binary_auroc` with
-thresholds=None (exact ROC, ties handled); LogLoss in float64 from logits; GAUC (impression-
-weighted mean of per-user AUCs, users with one class skipped) is vectorised here with
-tie-averaged ranks, because torchmetrics/torchrec offer no exact grouped AUC.
+computed once over all of them. AUC comes from scikit-learn's `roc_auc_score` (exact, ties
+handled, float64 — torchmetrics' `binary_auroc` is exact too but returns float32, off by ~4e-8);
+LogLoss in float64 from logits; GAUC (impression-weighted mean of per-user AUCs, users with one
+class skipped) is vectorised here with tie-averaged ranks, because none of these libraries
+offers a grouped AUC that is exact and does not loop over users in Python.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchmetrics.functional.classification import binary_auroc
+from sklearn.metrics import roc_auc_score
 
 from genci_dist.distributed import DistEnv
 
@@ -23,9 +24,10 @@ def rela_impr(auc: float, base_auc: float) -> float:
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    return float(binary_auroc(torch.from_numpy(np.asarray(scores, dtype=np.float64)),
-                              torch.from_numpy(np.asarray(labels, dtype=np.int64)),
-                              thresholds=None))
+    labels = np.asarray(labels)
+    if labels.size == 0 or labels.min() == labels.max():
+        return float("nan")  # undefined with one class
+    return float(roc_auc_score(labels, np.asarray(scores, dtype=np.float64)))
 
 
 def logloss(logits: np.ndarray, labels: np.ndarray) -> float:

@@ -127,6 +127,7 @@ class Trainer:
             self.is_main and cfg.train.progress_bar), leave=False, dynamic_ncols=True)
         sums: dict[str, float] = {}
         count = 0
+        self._steps_log = (self.run_dir / "steps.jsonl").open("a") if self.is_main else None
         it = iter(self.train_loader)
         while True:
             with timer.phase("data"):
@@ -149,6 +150,9 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + v
             count += 1
             bar.update(1)
+            if self._steps_log is not None:
+                self._steps_log.write(json.dumps({"step": self.step, "epoch": self.epoch,
+                                                  **values}) + "\n")
             if self.step % cfg.train.log_every == 0:
                 timing = timer.report()
                 lr = self.scheduler.get_last_lr()[0]
@@ -161,11 +165,18 @@ class Trainer:
                 self._save(metric=None)
             if cfg.train.max_steps and self.step >= cfg.train.max_steps:
                 bar.close()
+                self._close_steps_log()
                 self._last_train = {k: v / max(count, 1) for k, v in sums.items()}
                 return False
         bar.close()
+        self._close_steps_log()
         self._last_train = {k: v / max(count, 1) for k, v in sums.items()}
         return True
+
+    def _close_steps_log(self) -> None:
+        if self._steps_log is not None:
+            self._steps_log.close()
+            self._steps_log = None
 
     def evaluate(self, split: str) -> dict[str, float]:
         loader = self._loader(split, shuffle=False, batch=self.cfg.data.eval_batch_size
@@ -195,7 +206,8 @@ class Trainer:
                 print(f"[valid] epoch {self.epoch}: " + " ".join(
                     f"{k} {v:.4f}" for k, v in valid.items()) +
                     f" | best epoch {self.best_epoch}", flush=True)
-            self.epoch += 1
+            if finished:  # stopped by max_steps mid-epoch: a resume continues this epoch
+                self.epoch += 1
             self._save(metric=valid["auc"])
             if not finished or self.bad_epochs >= cfg.train.patience:
                 break
