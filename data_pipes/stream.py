@@ -225,7 +225,10 @@ def build_loader(dataset_dir: str | Path, split: str, *, batch_size: int, rank: 
                         world_size=world_size, seed=seed, shuffle=shuffle,
                         with_tokens=with_tokens, pad_history_to=pad_history_to,
                         max_history=max_history)
+    # Its own generator: creating an iterator draws a base seed, which must not consume the
+    # global torch RNG (dropout masks) or a resumed run would diverge from an uninterrupted one.
     return StatefulDataLoader(ds, batch_size=None, num_workers=num_workers,
+                              generator=torch.Generator().manual_seed(seed),
                               persistent_workers=False, pin_memory=torch.cuda.is_available(),
                               multiprocessing_context="fork" if num_workers else None)
 
