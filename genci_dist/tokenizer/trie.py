@@ -64,7 +64,9 @@ class SemanticIdTrie:
         node = torch.zeros(codes.shape[0], dtype=torch.long, device=codes.device)
         ok = torch.ones_like(node, dtype=torch.bool)
         for d in range(codes.shape[1]):
-            nxt = self.child(d, node.clamp(min=0), codes[:, d])
-            ok &= nxt >= 0
+            c = codes[:, d]
+            in_range = (c >= 0) & (c < self.widths[d])
+            nxt = self.child(d, node.clamp(min=0), c.clamp(0, self.widths[d] - 1))
+            ok &= in_range & (nxt >= 0)
             node = nxt
         return ok
