@@ -162,8 +162,8 @@ def write_dataset(out_dir: Path, *, dataset: str, protocol: dict[str, Any], samp
     features = feature_list(user, item)
     files: dict[str, Any] = {}
     counts: dict[str, Any] = {"samples": len(samples),
-                              "users": int(np.unique(samples.user).size),
-                              "items": int(np.unique(samples.item).size),
+                              # table sizes (every user/item has at least one sample here)
+                              "users": len(user.raw_ids), "items": len(item.raw_ids),
                               "n_users": len(user.raw_ids), "n_items": len(item.raw_ids)}
     hist_len = np.diff(samples.hist_offsets)
     with staging(Path(out_dir), force) as tmp:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -42,22 +41,18 @@ def write_tiny_dataset(out: Path, n_users: int = 30, n_items: int = 40, per_user
     write_dataset(out, dataset="tiny", protocol={"split": "temporal", "max_history": 5},
                   samples=samples, user=users, item=items, row_group_size=row_group_size,
                   shard_rows=row_group_size * 3, seed=seed)
-    if semantic_ids:
+    if semantic_ids:  # through the tokenizer's own writers, so every check of them applies
+        import json
+
+        from genci_dist.tokenizer.cohorts import CohortIndex
+        from genci_dist.tokenizer.semantic_ids import build_semantic_ids, write_semantic_ids
+
         codes = rng.integers(0, codebook_size, size=(n_items, levels))
-        cols = {"item_id": pa.array(np.arange(1, n_items + 1), pa.int32())}
-        for n in range(levels):
-            cols[f"code_{n}"] = pa.array(codes[:, n], pa.int32())
-        _, inverse, counts = np.unique(codes, axis=0, return_inverse=True, return_counts=True)
-        inverse = inverse.reshape(-1)
-        collision = np.zeros(n_items, dtype=np.int32)
-        seen: dict[int, int] = {}
-        for i, g in enumerate(inverse):
-            collision[i] = seen.get(int(g), 0)
-            seen[int(g)] = collision[i] + 1
-        cols["collision"] = pa.array(collision, pa.int32())
-        meta = {b"levels": str(levels).encode(), b"codebook_size": str(codebook_size).encode(),
-                b"n_collision": str(int(counts.max())).encode()}
-        pq.write_table(pa.table(cols).replace_schema_metadata(meta), out / "semantic_ids.parquet")
+        manifest = json.loads((out / "manifest.json").read_text())
+        sids = build_semantic_ids(codes, codebook_size, model="test",
+                                  items_hash=manifest["files"]["items.parquet"]["sha256"])
+        write_semantic_ids(out, sids)
+        CohortIndex.build(codes, codebook_size, content_hash=sids.content_hash).save(out)
     return out
 
 
