@@ -52,6 +52,30 @@ def parse_header(line: str, path: str) -> tuple[list[str], list[str]]:
     return names, types
 
 
+def _bad_line(body: bytes, expected: int, reported: list[int]) -> int | str:
+    """File line number (header = line 1) of the first row without `expected` fields. Arrow's
+    multi-threaded reader reports row number -1, so the error path scans the body itself."""
+    if reported and reported[0] > 0:
+        return reported[0] + 1
+    for i, line in enumerate(body.split(b"\n"), 2):
+        line = line.rstrip(b"\r")
+        if line and line.count(b"\t") != expected - 1:
+            return i
+    return "?"
+
+
+def _row_line(body: bytes, row: int) -> int:
+    """File line number of data row `row` (0-based; Arrow skips blank lines, the file does
+    not)."""
+    seen = -1
+    for i, line in enumerate(body.split(b"\n"), 2):
+        if line.rstrip(b"\r"):
+            seen += 1
+            if seen == row:
+                return i
+    return row + 2
+
+
 def read_atomic(data: bytes, path: str) -> AtomicTable:
     """Parses one atomic file's bytes; `path` names it in errors."""
     text_end = data.find(b"\n")
@@ -77,9 +101,8 @@ def read_atomic(data: bytes, path: str) -> AtomicTable:
                                                  strings_can_be_null=False),
         )
     except pa.ArrowInvalid as e:
-        line = bad[0] + 1 if bad else "?"
-        raise DatasetError(f"{path}: line {line}: malformed row, expected {expected} "
-                           f"tab-separated fields ({e})") from None
+        raise DatasetError(f"{path}: line {_bad_line(body, expected, bad)}: malformed row, "
+                           f"expected {expected} tab-separated fields ({e})") from None
     cols: dict[str, np.ndarray] = {}
     for name, typ in zip(names, types, strict=True):
         col = pc.utf8_rtrim(table.column(name), characters="\r")
@@ -92,8 +115,8 @@ def read_atomic(data: bytes, path: str) -> AtomicTable:
                     try:
                         float(s)
                     except ValueError:
-                        raise DatasetError(f"{path}: line {i + 2}: field {name!r} = {s!r} is "
-                                           "not a number") from None
+                        raise DatasetError(f"{path}: line {_row_line(body, i)}: field "
+                                           f"{name!r} = {s!r} is not a number") from None
                 raise
         else:
             cols[name] = np.asarray(col.to_pylist(), dtype=object)

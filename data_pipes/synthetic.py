@@ -1,7 +1,7 @@
 """Synthetic Instrument-shaped data (SPEC §1.4) that streams to shards with bounded memory.
 
 Scale factor s = 1 ≈ Amazon-Instrument (57,440 users, 24,588 items, ≈0.5M interactions,
-≈9 items of history). Items belong to topics and have power-law popularity; every user walks
+≈9 interactions per user: the paper's "avg history" is interactions / users). Items belong to topics and have power-law popularity; every user walks
 between topics (interest drift), mostly picking items of the current topic and clicking them,
 sometimes exploring popular off-topic items and mostly not clicking those — so the recent
 click history predicts the label, which is what the sequence models must learn. Users are
@@ -37,6 +37,7 @@ BASE_USERS, BASE_ITEMS = 57_440, 24_588
 N_TOPICS, CATS_PER_TOPIC, STORES_PER_TOPIC = 40, 3, 4
 WORDS = ("guitar drum piano violin cello flute bass amp pedal string pick strap tuner mic "
          "cable stand case capo reed mallet").split()
+CHUNK_USERS = 20_000  # users generated and written per step: bounds memory whatever s is
 ADJ = "classic vintage compact pro studio travel electric acoustic deluxe mini".split()
 
 
@@ -100,7 +101,7 @@ def prepare_synthetic(args: argparse.Namespace) -> dict[str, Any]:
     features = feature_list(users, items)
     split = args.split or "leave_one_out"
     max_hist = args.max_history or 20
-    chunk = 20_000
+    chunk = CHUNK_USERS
     files: dict[str, Any] = {}
     counts: dict[str, Any] = {s_: {"rows": 0, "positives": 0, "hist": 0} for s_ in SPLITS}
     with staging(Path(args.out), args.force) as tmp, tqdm(
