@@ -64,7 +64,8 @@ def gauc(scores: np.ndarray, labels: np.ndarray, users: np.ndarray) -> float:
 def compute_all(logits: np.ndarray, labels: np.ndarray, users: np.ndarray) -> dict[str, float]:
     return {"auc": auc(logits, labels), "logloss": logloss(logits, labels),
             "gauc": gauc(logits, labels, users), "samples": int(labels.size),
-            "positive_rate": float(labels.mean()) if labels.size else float("nan")}
+            "positive_rate": (float(np.mean(labels, dtype=np.float64)) if labels.size
+                              else float("nan"))}
 
 
 class MetricAccumulator:
