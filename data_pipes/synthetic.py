@@ -1,8 +1,9 @@
 """Synthetic Instrument-shaped data (SPEC §1.4) that streams to shards with bounded memory.
 
 Scale factor s = 1 ≈ Amazon-Instrument (57,440 users, 24,588 items, ≈0.5M interactions,
-≈9 interactions per user: the paper's "avg history" is interactions / users). Items belong to topics and have power-law popularity; every user walks
-between topics (interest drift), mostly picking items of the current topic and clicking them,
+≈9 interactions per user: the paper's "avg history" is interactions / users). Items belong
+to topics and have power-law popularity; every user walks between topics (interest drift),
+mostly picking items of the current topic and clicking them,
 sometimes exploring popular off-topic items and mostly not clicking those — so the recent
 click history predicts the label, which is what the sequence models must learn. Users are
 generated, turned into samples (the same protocol as real data) and written chunk by chunk,
