@@ -75,11 +75,12 @@ def _at(where: Where, row: int) -> str:
 
 
 def check_ids(name: str, values: np.ndarray, cardinality: int, where: Where,
-              rows: np.ndarray | None = None) -> None:
-    """`rows[k]` = batch row of values[k] (list columns); identity for scalar columns."""
+              lengths: np.ndarray | None = None) -> None:
+    """`lengths` [B] = per-row list lengths of a list column's flat `values`; None for scalar
+    columns (values[k] is batch row k)."""
     if values.size and (values.min() < 0 or values.max() >= cardinality):
         bad = int(np.flatnonzero((values < 0) | (values >= cardinality))[0])
-        row = int(rows[bad]) if rows is not None else bad
+        row = bad if lengths is None else int(np.searchsorted(np.cumsum(lengths), bad, "right"))
         raise DatasetError(f"{_at(where, row)}: field {name!r} has id {int(values[bad])} "
                            f"outside [0, {cardinality}) declared in the manifest")
 
@@ -90,8 +91,9 @@ def build_batch(table: pa.Table, features: list[FeatureSpec], row_ids: np.ndarra
     """Sample rows → Batch. `where` names the file/row group in errors. `max_history` keeps
     only the most recent items of longer stored histories (shorter sequences at read time)."""
     b = table.num_rows
+    present = set(table.column_names)
     missing = [c for c in (USER, ITEM, LABEL, HISTORY, *(f.name for f in features))
-               if c not in table.column_names]
+               if c not in present]
     if missing:
         raise DatasetError(f"{_at(where, 0)}: missing column(s) {missing}")
     labels = _np(table.column(LABEL)).astype(np.float32)
@@ -103,7 +105,7 @@ def build_batch(table: pa.Table, features: list[FeatureSpec], row_ids: np.ndarra
     for f in features:
         if f.multi:
             lens, vals = _list_parts(table.column(f.name))
-            check_ids(f.name, vals, f.cardinality, where, np.repeat(np.arange(b), lens))
+            check_ids(f.name, vals, f.cardinality, where, lens)
             keep = vals != 0
             if not keep.all():  # drop padding ids inside bags
                 seg = np.repeat(np.arange(b), lens)
@@ -116,10 +118,6 @@ def build_batch(table: pa.Table, features: list[FeatureSpec], row_ids: np.ndarra
             vals = vals[vals != 0]
         lengths_all.append(lens)
         values_all.append(vals)
-    sparse = KeyedJaggedTensor.from_lengths_sync(
-        keys=[f.name for f in features],
-        values=torch.from_numpy(np.concatenate(values_all)),
-        lengths=torch.from_numpy(np.concatenate(lengths_all)))
 
     h_len, h_vals = _list_parts(table.column(HISTORY))
     if max_history is not None and h_len.size and h_len.max() > max_history:
@@ -130,34 +128,52 @@ def build_batch(table: pa.Table, features: list[FeatureSpec], row_ids: np.ndarra
         h_len = keep_len
     item_card = next((f.cardinality for f in features if f.name == ITEM), None)
     if item_card is not None:
-        check_ids(HISTORY, h_vals, item_card, where, np.repeat(np.arange(b), h_len))
-    seq = KeyedJaggedTensor.from_lengths_sync(
-        keys=[HISTORY_FEATURE], values=torch.from_numpy(h_vals), lengths=torch.from_numpy(h_len))
+        check_ids(HISTORY, h_vals, item_card, where, h_len)
     width = int(pad_history_to) if pad_history_to else max(int(h_len.max(initial=0)), 1)
     if h_len.size and h_len.max(initial=0) > width:
-        raise DatasetError(f"{_at(where, int(h_len.argmax()))}: history longer ({int(h_len.max())}) than pad_history_to")
-    hist = np.zeros((b, width), dtype=np.int64)
-    rows = np.repeat(np.arange(b), h_len)
-    cols = np.arange(h_vals.size) - np.repeat(np.cumsum(h_len) - h_len, h_len)
-    hist[rows, cols] = h_vals
-
+        raise DatasetError(f"{_at(where, int(h_len.argmax()))}: history of "
+                           f"{int(h_len.max())} items is longer than pad_history_to={width}")
     items = _np(table.column(ITEM)).astype(np.int64)
+    n_tok = 0 if item_tokens is None else item_tokens.shape[1]
+    if item_tokens is not None and (items.max(initial=0) >= item_tokens.shape[0] or (
+            h_vals.size and h_vals.max() >= item_tokens.shape[0])):
+        raise DatasetError(f"{_at(where, 0)}: item id beyond the semantic-ID table "
+                           f"({item_tokens.shape[0] - 1} items)")
+    sp_vals, sp_lens = np.concatenate(values_all), np.concatenate(lengths_all)
+    views, (sp_vals_t, sp_lens_t, seq_vals_t, hist_t, h_len_t, hist_tok_t, tgt_tok_t, user_t,
+            item_t, row_t) = _alloc_int64([
+                sp_vals.shape, sp_lens.shape, h_vals.shape, (b, width), h_len.shape,
+                (b, width * n_tok), (b, n_tok), (b,), (b,), (b,)])
+    for view, a in zip(views, (sp_vals, sp_lens, h_vals, None, h_len, None, None,
+                               _np(table.column(USER)), items, np.asarray(row_ids)), strict=True):
+        if a is not None:
+            view[...] = a
+    hist = views[3]
+    hist[...] = 0
+    hist[np.arange(width) < h_len[:, None]] = h_vals  # row-major mask = left-aligned rows
     if item_tokens is not None:
-        if items.max(initial=0) >= item_tokens.shape[0] or (
-                h_vals.size and h_vals.max() >= item_tokens.shape[0]):
-            raise DatasetError(f"{_at(where, 0)}: item id beyond the semantic-ID table "
-                               f"({item_tokens.shape[0] - 1} items)")
-        hist_tokens = item_tokens[hist].reshape(b, -1)     # item 0 → all-zero tokens
-        target_tokens = item_tokens[items]
-    else:
-        hist_tokens = np.zeros((b, 0), dtype=np.int64)
-        target_tokens = np.zeros((b, 0), dtype=np.int64)
+        # np.take on axis 0 is ~15x faster than fancy indexing here; item 0 → all-zero tokens
+        np.take(item_tokens, hist.ravel(), axis=0, out=views[5].reshape(b * width, n_tok))
+        np.take(item_tokens, items, axis=0, out=views[6])
     return Batch(
-        sparse_features=sparse, sequence_features=seq,
-        history=torch.from_numpy(hist), history_lengths=torch.from_numpy(h_len),
-        history_tokens=torch.from_numpy(np.ascontiguousarray(hist_tokens)),
-        target_tokens=torch.from_numpy(np.ascontiguousarray(target_tokens)),
-        labels=torch.from_numpy(labels),
-        user_ids=torch.from_numpy(_np(table.column(USER)).astype(np.int64)),
-        item_ids=torch.from_numpy(items),
-        row_ids=torch.from_numpy(np.asarray(row_ids, dtype=np.int64)))
+        sparse_features=KeyedJaggedTensor.from_lengths_sync(
+            keys=[f.name for f in features], values=sp_vals_t, lengths=sp_lens_t),
+        sequence_features=KeyedJaggedTensor.from_lengths_sync(
+            keys=[HISTORY_FEATURE], values=seq_vals_t, lengths=h_len_t),
+        history=hist_t, history_lengths=h_len_t, history_tokens=hist_tok_t,
+        target_tokens=tgt_tok_t, labels=torch.from_numpy(labels), user_ids=user_t,
+        item_ids=item_t, row_ids=row_t)
+
+
+def _alloc_int64(shapes: list[tuple[int, ...]]) -> tuple[list[np.ndarray], list[torch.Tensor]]:
+    """Views of one new int64 storage in the given shapes (each start 64-byte aligned), as
+    numpy (to fill) and torch (same memory). A worker hands a Batch to the main process through
+    shared memory one storage at a time, so one storage instead of ~12 makes num_workers > 0
+    much cheaper."""
+    sizes = [int(np.prod(s)) for s in shapes]
+    starts = np.r_[0, np.cumsum([-(n // -8) * 8 for n in sizes])].astype(int)
+    buf = np.empty(int(starts[-1]), dtype=np.int64)
+    flat = torch.from_numpy(buf)
+    views = [buf[a:a + n].reshape(s) for a, n, s in zip(starts, sizes, shapes, strict=False)]
+    tensors = [flat[a:a + n].view(s) for a, n, s in zip(starts, sizes, shapes, strict=False)]
+    return views, tensors

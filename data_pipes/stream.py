@@ -56,8 +56,11 @@ def list_row_groups(dataset_dir: Path, split: str) -> list[RowGroup]:
     return out
 
 
-def num_steps(n: int, world_size: int, batch_size: int) -> int:
-    """Steps every rank runs: enough for the largest rank slice, ceil(N/W) samples."""
+def num_steps(n: int, world_size: int, batch_size: int, drop_last: bool = False) -> int:
+    """Steps every rank runs: enough for the largest rank slice, ceil(N/W) samples; with
+    drop_last, only full batches of the smallest slice, floor(N/W) samples."""
+    if drop_last:
+        return (n // world_size) // batch_size
     largest = -(n // -world_size)
     return -(largest // -batch_size)
 
@@ -85,7 +88,7 @@ class EpochPlan:
     """The global order of one epoch and this rank's batches within it."""
 
     def __init__(self, groups: list[RowGroup], epoch: int, seed: int, shuffle: bool, rank: int,
-                 world_size: int, batch_size: int) -> None:
+                 world_size: int, batch_size: int, drop_last: bool = False) -> None:
         self.groups = groups
         self.seed, self.epoch, self.shuffle = seed, epoch, shuffle
         n = sum(g.rows for g in groups)
@@ -94,9 +97,12 @@ class EpochPlan:
         sizes = np.array([groups[i].rows for i in self.order], dtype=np.int64)
         self.starts = np.r_[0, np.cumsum(sizes)]          # sequence start of each ordered group
         lo, hi = n * rank // world_size, n * (rank + 1) // world_size
-        steps = num_steps(n, world_size, batch_size)
+        steps = num_steps(n, world_size, batch_size, drop_last)
         self.steps = steps
-        bs = batch_sizes(hi - lo, steps, batch_size) if steps else []
+        if drop_last:  # full batches from the slice start; the slice's tail is skipped
+            bs = [batch_size] * steps
+        else:
+            bs = batch_sizes(hi - lo, steps, batch_size) if steps else []
         self.bounds = lo + np.r_[0, np.cumsum(bs)].astype(np.int64)
 
     def row_perm(self, k: int) -> np.ndarray:
@@ -124,8 +130,10 @@ class StreamingSplit(IterableDataset):
 
     def __init__(self, dataset_dir: str | Path, split: str, *, batch_size: int, rank: int,
                  world_size: int, seed: int, shuffle: bool, with_tokens: bool = True,
-                 pad_history_to: int | None = None, max_history: int | None = None) -> None:
+                 pad_history_to: int | None = None, max_history: int | None = None,
+                 drop_last: bool = False) -> None:
         super().__init__()
+        self.drop_last = drop_last
         self.max_history = max_history
         self.dataset_dir = Path(dataset_dir)
         self.split = split
@@ -146,7 +154,7 @@ class StreamingSplit(IterableDataset):
 
     def plan(self) -> EpochPlan:
         return EpochPlan(self.groups, self.epoch, self.seed, self.shuffle, self.rank,
-                         self.world_size, self.batch_size)
+                         self.world_size, self.batch_size, self.drop_last)
 
     def __len__(self) -> int:
         return self.plan().steps
@@ -218,13 +226,15 @@ class StreamingSplit(IterableDataset):
 
 def build_loader(dataset_dir: str | Path, split: str, *, batch_size: int, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, seed: int = 0, shuffle: bool = True,
-                 pad_history_to: int | None = None, with_tokens: bool = True,
-                 max_history: int | None = None) -> StatefulDataLoader:
-    """A StatefulDataLoader over this rank's batches (batches are built in the dataset)."""
+                 drop_last: bool = False, pad_history_to: int | None = None,
+                 with_tokens: bool = True, max_history: int | None = None) -> StatefulDataLoader:
+    """A StatefulDataLoader over this rank's batches (batches are built in the dataset).
+    drop_last=False: every sample exactly once, ⌈⌈N/W⌉/batch⌉ steps per rank, the last batches
+    may be short. drop_last=True: ⌊⌊N/W⌋/batch⌋ full batches per rank, the rest is skipped."""
     ds = StreamingSplit(dataset_dir, split, batch_size=batch_size, rank=rank,
                         world_size=world_size, seed=seed, shuffle=shuffle,
                         with_tokens=with_tokens, pad_history_to=pad_history_to,
-                        max_history=max_history)
+                        max_history=max_history, drop_last=drop_last)
     # Its own generator: creating an iterator draws a base seed, which must not consume the
     # global torch RNG (dropout masks) or a resumed run would diverge from an uninterrupted one.
     return StatefulDataLoader(ds, batch_size=None, num_workers=num_workers,
@@ -234,6 +244,7 @@ def build_loader(dataset_dir: str | Path, split: str, *, batch_size: int, rank: 
 
 
 def steps_per_epoch(dataset_dir: str | Path, split: str, *, batch_size: int,
-                    world_size: int) -> int:
+                    world_size: int, drop_last: bool = False) -> int:
+    """Batches every rank yields per epoch (from Parquet metadata, no scan)."""
     n = sum(g.rows for g in list_row_groups(Path(dataset_dir), split))
-    return num_steps(n, world_size, batch_size)
+    return num_steps(n, world_size, batch_size, drop_last)

@@ -4,6 +4,7 @@ order, mid-epoch resume, and the Batch layout on a hand-built case."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 
 from data_pipes.collate import build_batch
 from data_pipes.schema import DatasetError, FeatureSpec, TokenVocab
-from data_pipes.stream import batch_sizes, build_loader
+from data_pipes.stream import batch_sizes, build_loader, steps_per_epoch
 from tests.conftest import write_tiny_dataset
 
 
@@ -143,3 +144,32 @@ def test_bad_rows_name_file_and_field(tmp_path: Path) -> None:
     shard.write_bytes(b"not parquet")
     with pytest.raises(DatasetError, match="not a readable Parquet"):
         build_loader(ds, "train", batch_size=10, with_tokens=False)
+
+
+@pytest.mark.parametrize("nw", [0, 2])
+def test_drop_last_gives_full_batches_and_steps_per_epoch_matches(tiny_dataset: Path,
+                                                                  nw: int) -> None:
+    n = _split_rows(tiny_dataset, "train")
+    for drop_last in (False, True):
+        steps = steps_per_epoch(tiny_dataset, "train", batch_size=7, world_size=2,
+                                drop_last=drop_last)
+        assert steps == ((n // 2) // 7 if drop_last else math.ceil(math.ceil(n / 2) / 7))
+        rows = []
+        for r in range(2):
+            loader = build_loader(tiny_dataset, "train", batch_size=7, rank=r, world_size=2,
+                                  num_workers=nw, seed=3, drop_last=drop_last)
+            got = [b.row_ids.tolist() for b in loader]
+            assert len(got) == steps
+            if drop_last:
+                assert [len(b) for b in got] == [7] * steps
+            rows += [x for b in got for x in b]
+        assert len(rows) == len(set(rows)) == (2 * 7 * steps if drop_last else n)
+
+
+def test_missing_column_names_file_and_column(tmp_path: Path) -> None:
+    ds = write_tiny_dataset(tmp_path / "nogenre", semantic_ids=False)
+    shard = sorted((ds / "valid").glob("*.parquet"))[0]
+    t = pq.read_table(shard)
+    pq.write_table(t.drop_columns(["genres"]), shard, row_group_size=16)
+    with pytest.raises(DatasetError, match=r"valid/part-00000\.parquet.*missing column.*genres"):
+        list(build_loader(ds, "valid", batch_size=8, shuffle=False, with_tokens=False))
