@@ -110,7 +110,7 @@ class IntentEmbeddings(nn.Module):
             return e_v, None
         ids = cohort_ids.t().reshape(-1)
         ckjt = KeyedJaggedTensor.from_lengths_sync(
-            keys=[f"cohort_id_{i}" for i in range(self.levels)], values=ids.clamp(min=0),
+            keys=[f"cohort_id_{i}" for i in range(self.levels)], values=ids[ids >= 0],
             lengths=(ids >= 0).long())
         kt = self.cohort_table(ckjt).to_dict()
         return e_v, torch.stack([kt[f"cohort_id_{i}"] for i in range(self.levels)], dim=1)
