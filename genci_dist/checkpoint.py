@@ -27,10 +27,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from torchrec.distributed.types import ShardingPlan
 
 from genci_dist.config import JobConfig, load_config
 from genci_dist.config_loader import ConfigError, to_plain
 from genci_dist.distributed import DistEnv
+from genci_dist.sharding import plan_to_dict
 
 META = "meta.json"
 TRAIN_STATE = "train_state.pt"
@@ -102,7 +104,7 @@ class CheckpointManager:
             meta = {"step": step, "epoch": train_state.get("epoch"), "metric": metric,
                     "semantic_hash": semantic_hash, "world_size": self.env.world_size,
                     "fingerprint": fingerprint(config), "config": config.to_dict(),
-                    "plan": str(plan)}
+                    "plan": plan_to_dict(plan) if isinstance(plan, ShardingPlan) else plan}
             (tmp / META).write_text(json.dumps(meta, indent=2))
             if final.exists():
                 shutil.rmtree(final)
@@ -174,12 +176,21 @@ def load_full(model: torch.nn.Module, optimizer: Any, scheduler: Any, ckpt: Path
               env: DistEnv) -> None:
     """Model + optimizer + LR schedule into a DMP (any plan/world size: DCP reshards)."""
     optimizer.init_state()  # torch optimizers create state lazily; DCP needs it to exist
-    state = {"model": model.state_dict(), "optim": optimizer.state_dict(),
-             "sched": scheduler.state_dict()}
+    state = {"model": model.state_dict(), "optim": optimizer.state_dict()}
     dcp.load(state, checkpoint_id=str(ckpt), process_group=env.pg)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optim"])
-    scheduler.load_state_dict(state["sched"])
+    # The schedule in a load of its own: a rank without a shard of some table (table-wise)
+    # does not request that key, DCP then falls back to its pre-2.4 key format, in which the
+    # scheduler's non-tensor entries are one key "sched" the checkpoint does not have.
+    sched = {"sched": scheduler.state_dict()}
+    dcp.load(sched, checkpoint_id=str(ckpt), process_group=env.pg)
+    scheduler.load_state_dict(sched["sched"])
+    # KeyedOptimizer state carries no param_groups and a scheduler's load_state_dict does not
+    # touch the optimizer: without this the first resumed step would run at the lr of step 0.
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr(),
+                         strict=True):
+        group["lr"] = lr
 
 
 def load_model_sharded(model: torch.nn.Module, ckpt: str | Path) -> None:

@@ -34,6 +34,11 @@ class DistEnv:
         rank = int(env.get("RANK", "0"))
         local_rank = int(env.get("LOCAL_RANK", "0"))
         local_world = int(env.get("LOCAL_WORLD_SIZE", str(world)))
+        if device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device = {device!r}: expected 'auto', 'cpu' or 'cuda'")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device = 'cuda' but this machine has no usable CUDA device "
+                             "(use 'auto' or 'cpu')")
         use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
         if use_cuda:
             torch.cuda.set_device(local_rank)

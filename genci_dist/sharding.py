@@ -67,12 +67,14 @@ class _AllTypesEBCSharder(EmbeddingBagCollectionSharder):
         return [t.value for t in _TYPES.values()]
 
 
+# TorchRec 1.8's sharded EmbeddingCollection implements only these four (its
+# create_embedding_sharding raises "Sharding not supported" for TWRW/TWCW/GRID).
+_EC_TYPES = ("table_wise", "row_wise", "column_wise", "data_parallel")
+
+
 class _AllTypesECSharder(EmbeddingCollectionSharder):
     def sharding_types(self, compute_device_type: str) -> list[str]:
-        # EmbeddingCollection supports neither TABLE_COLUMN_WISE pooling variants nor GRID.
-        return [ShardingType.DATA_PARALLEL.value, ShardingType.TABLE_WISE.value,
-                ShardingType.COLUMN_WISE.value, ShardingType.ROW_WISE.value,
-                ShardingType.TABLE_ROW_WISE.value]
+        return [_TYPES[t].value for t in _EC_TYPES]
 
 
 def fused_params(cfg: ShardingConfig) -> dict[str, Any]:
@@ -95,10 +97,11 @@ def build_sharders(cfg: ShardingConfig) -> list[Any]:
     return [_AllTypesEBCSharder(fused_params=fp), _AllTypesECSharder(fused_params=fp)]
 
 
-def table_names(model: torch.nn.Module) -> list[str]:
+def table_names(model: torch.nn.Module, sequence_only: bool = False) -> list[str]:
+    """Names of the tables of every EBC (unless sequence_only) and EC inside `model`."""
     names = []
     for m in model.modules():
-        if isinstance(m, EmbeddingBagCollection):
+        if isinstance(m, EmbeddingBagCollection) and not sequence_only:
             names += [c.name for c in m.embedding_bag_configs()]
         elif isinstance(m, EmbeddingCollection):
             names += [c.name for c in m.embedding_configs()]
@@ -106,13 +109,21 @@ def table_names(model: torch.nn.Module) -> list[str]:
 
 
 def build_constraints(model: torch.nn.Module, cfg: ShardingConfig) -> dict[str, Any]:
+    """ParameterConstraints pinning each table to its configured sharding type."""
     out = {}
+    sequence = set(table_names(model, sequence_only=True))
     for name in table_names(model):
         kind = cfg.tables.get(name, cfg.default_type)
         if kind == "auto":
             continue
         if kind not in _TYPES:
             raise ValueError(f"sharding: table {name!r}: unknown sharding type {kind!r}")
+        if name in sequence and kind not in _EC_TYPES:
+            where = (f"sharding.tables.{name}" if name in cfg.tables
+                     else "sharding.default_type")
+            raise ValueError(f"{where} = {kind!r}: table {name!r} belongs to an "
+                             f"EmbeddingCollection, which TorchRec shards only as "
+                             f"{list(_EC_TYPES)}; set sharding.tables.{name} to one of them")
         kernel = "dense" if kind == "data_parallel" else "fused"
         out[name] = ParameterConstraints(sharding_types=[_TYPES[kind].value],
                                          compute_kernels=[kernel],
@@ -177,3 +188,20 @@ def describe_plan(plan: ShardingPlan) -> str:
             lines.append(f"{module:<28} {table:<22} {ps.sharding_type:<16} "
                          f"{ps.compute_kernel:<8} {ps.ranks}")
     return "\n".join(lines)
+
+
+def plan_to_dict(plan: ShardingPlan) -> dict[str, dict[str, dict[str, Any]]]:
+    """The plan as JSON-able data: {module: {table: {sharding_type, compute_kernel, ranks,
+    shards: [{offsets, sizes, placement}]}}} (saved in every checkpoint's meta.json)."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for module, params in plan.plan.items():
+        out[module] = {}
+        for table, ps in params.items():  # type: ignore[union-attr]
+            spec = ps.sharding_spec
+            shards = [] if spec is None else [
+                {"offsets": list(sh.shard_offsets), "sizes": list(sh.shard_sizes),
+                 "placement": str(sh.placement)} for sh in spec.shards]  # type: ignore[union-attr]
+            out[module][table] = {"sharding_type": ps.sharding_type,
+                                  "compute_kernel": ps.compute_kernel,
+                                  "ranks": list(ps.ranks or []), "shards": shards}
+    return out

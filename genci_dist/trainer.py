@@ -45,12 +45,14 @@ class Trainer:
             raise ValueError(f"data.batch_size {cfg.data.batch_size} is not divisible by the "
                              f"world size {env.world_size}")
         self.local_batch = cfg.data.batch_size // env.world_size
-        seed_everything(cfg.train.seed, env.rank)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
 
         needs_ids = cfg.model.name == "genci"
         self.dataset_dir = ensure_dataset(cfg, env, need_semantic_ids=needs_ids)
+        # Seeded after preparing a missing dataset (which draws from the global RNGs), so a
+        # run's init does not depend on whether its data had to be built first.
+        seed_everything(cfg.train.seed, env.rank)
         self.manifest = load_manifest(self.dataset_dir)
         features = feature_specs(self.manifest)
         assets = load_generation_assets(self.dataset_dir, self.manifest, cfg.model)
@@ -72,6 +74,10 @@ class Trainer:
         self.best_epoch = -1
         self.bad_epochs = 0
         self.history: list[dict[str, Any]] = []
+        # Resume (which refuses a checkpoint of another model config) before the run folder's
+        # config.toml / plan.txt are rewritten, so a refused resume leaves them as they were.
+        if cfg.checkpoint.enabled and cfg.checkpoint.resume == "auto":
+            self._resume()
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.toml")
@@ -80,8 +86,6 @@ class Trainer:
             print(f"[plan]\n{describe_plan(self.plan)}", flush=True)
         tb_dir = self.run_dir / "tensorboard" if (self.is_main and cfg.train.tensorboard) else None
         self.tb = ScalarWriter(tb_dir)
-        if cfg.checkpoint.enabled and cfg.checkpoint.resume == "auto":
-            self._resume()
 
     # ---- pieces -------------------------------------------------------------------------
     def _loader(self, split: str, shuffle: bool, batch: int) -> Any:

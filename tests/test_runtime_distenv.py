@@ -1,0 +1,51 @@
+"""DistEnv without torchrun: a world of 1 with no process group, helpers that are no-ops,
+threads = cores // local ranks, and a clear refusal of an impossible device."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from genci_dist.distributed import DistEnv
+
+_TORCHRUN = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID")
+
+
+def test_world_of_one_without_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No torchrun variables → rank 0 of 1 on the CPU, no process group; gather/broadcast/
+    all-reduce return their input; LOCAL_WORLD_SIZE=2 halves this process's threads."""
+    for k in _TORCHRUN:
+        monkeypatch.delenv(k, raising=False)
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    try:
+        env = DistEnv.init("cpu")
+        assert (env.rank, env.world_size, env.local_rank, env.pg, env.backend) == (
+            0, 1, 0, None, None)
+        assert env.device == torch.device("cpu") and not env.distributed
+        assert torch.get_num_threads() == cores
+        assert env.all_gather_object({"a": 1}) == [{"a": 1}]
+        assert env.broadcast_object([3, 4]) == [3, 4]
+        t = torch.tensor([1.5, 2.0])
+        assert env.all_reduce_sum(t) is t and t.tolist() == [1.5, 2.0]
+        env.barrier()
+        env.destroy()
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        DistEnv.init("auto" if not torch.cuda.is_available() else "cpu")
+        assert torch.get_num_threads() == max(1, cores // 2)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_impossible_device_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in _TORCHRUN:
+        monkeypatch.delenv(k, raising=False)
+    before = torch.get_num_threads()
+    with pytest.raises(ValueError, match="expected 'auto', 'cpu' or 'cuda'"):
+        DistEnv.init("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no usable CUDA device"):
+            DistEnv.init("cuda")
+    torch.set_num_threads(before)
