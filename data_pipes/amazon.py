@@ -14,7 +14,6 @@ Item text: "title; categories; description" (description cut to DESCRIPTION_CHAR
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 
 from data_pipes.protocol import Interactions, dense_ids, five_core
 from data_pipes.schema import DatasetError
-from data_pipes.writer import SideTable, list_array
+from data_pipes.writer import SideTable, list_array, sha256_file
 
 REVIEW_FIELDS = ("user_id", "parent_asin", "rating", "timestamp")
 DESCRIPTION_CHARS = 300
@@ -123,14 +122,6 @@ def read_meta(path: Path, wanted: set[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_amazon(source: Path) -> tuple[tuple[Interactions, SideTable, SideTable],
                                        dict[str, Any]]:
     """Reviews file (+ its meta file) → (interactions, user table, item table), source info.
@@ -171,7 +162,7 @@ def load_amazon(source: Path) -> tuple[tuple[Interactions, SideTable, SideTable]
     item = SideTable(i_vocab, {"store": store}, {"categories": list_array(offsets, values)},
                      text)
     user = SideTable(u_vocab, {}, {})
-    info = {"reviews": source.name, "reviews_sha256": _sha256(source), "meta": meta_file.name,
-            "meta_sha256": _sha256(meta_file), "raw_interactions": n_raw,
+    info = {"reviews": source.name, "reviews_sha256": sha256_file(source), "meta": meta_file.name,
+            "meta_sha256": sha256_file(meta_file), "raw_interactions": n_raw,
             "after_5core": int(core.sum()), "items_without_meta": int(no_meta)}
     return (inter, user, item), info
