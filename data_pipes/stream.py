@@ -143,7 +143,6 @@ class StreamingSplit(IterableDataset):
         self.features = feature_specs(manifest)
         self.groups = list_row_groups(self.dataset_dir, split)
         self.item_tokens = load_item_tokens(self.dataset_dir)[0] if with_tokens else None
-        self.columns = None  # all columns: the schema is the contract
         self.epoch = 0
         self._next = 0       # next batch index of this worker's next yield
         self._resume: dict[str, Any] | None = None
@@ -163,7 +162,7 @@ class StreamingSplit(IterableDataset):
         if cache.get("k") != k:
             g = plan.groups[int(plan.order[k])]
             try:
-                table = pq.ParquetFile(g.path).read_row_group(g.index, columns=self.columns)
+                table = pq.ParquetFile(g.path).read_row_group(g.index)  # all columns: the schema is the contract
             except (pa.ArrowInvalid, OSError) as e:
                 raise DatasetError(f"{g.path}: row group {g.index} unreadable ({e})") from None
             perm = plan.row_perm(k)

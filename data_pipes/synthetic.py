@@ -42,8 +42,9 @@ CHUNK_USERS = 20_000  # users generated and written per step: bounds memory what
 ADJ = "classic vintage compact pro studio travel electric acoustic deluxe mini".split()
 
 
-def make_items(n_items: int, rng: np.random.Generator) -> tuple[SideTable, np.ndarray,
-                                                               list[np.ndarray]]:
+def make_items(n_items: int, rng: np.random.Generator
+               ) -> tuple[SideTable, list[np.ndarray], np.ndarray]:
+    """Items with topics → (item table, item ids of each topic, popularity weight per item)."""
     topic = rng.integers(0, N_TOPICS, n_items)
     pop = rng.zipf(1.3, n_items).astype(np.float64)
     by_topic = [np.flatnonzero(topic == t) + 1 for t in range(N_TOPICS)]
@@ -58,7 +59,7 @@ def make_items(n_items: int, rng: np.random.Generator) -> tuple[SideTable, np.nd
             f"topic{t} " + " ".join(f"cat{c}" for c in cat[i]) for i, t in enumerate(topic)]
     items = SideTable(np.array([f"S{i:07d}" for i in range(1, n_items + 1)], dtype=object),
                       {"store": store.astype(np.int32)}, {"categories": cats}, text)
-    return items, np.r_[0, topic], [np.r_[b] for b in by_topic] + [pop]  # type: ignore[list-item]
+    return items, by_topic, pop
 
 
 def make_users(first: int, count: int, topic_items: list[np.ndarray], pop: np.ndarray,
@@ -95,8 +96,7 @@ def prepare_synthetic(args: argparse.Namespace) -> dict[str, Any]:
         raise DatasetError("--scale must be > 0")
     rng = np.random.default_rng(args.seed)
     n_users, n_items = max(20, round(BASE_USERS * s)), max(30, round(BASE_ITEMS * s))
-    items, _topic, extra = make_items(n_items, rng)
-    topic_items, pop = extra[:-1], extra[-1]
+    items, topic_items, pop = make_items(n_items, rng)
     users = SideTable(np.array([f"U{u:08d}" for u in range(1, n_users + 1)], dtype=object), {},
                       {})
     features = feature_list(users, items)
