@@ -9,6 +9,13 @@ no collective can hang on an uneven split. Batch j of a rank is built by worker 
 num_workers; torchdata's StatefulDataLoader fetches workers round-robin, so the batch sequence
 is the same for any number of workers, and `state_dict()` (epoch, next batch per worker)
 resumes mid-epoch exactly.
+
+Length bucketing (`bucket_window` = W > 0, training only): the rank's batches are taken W at
+a time; the samples of those W batches are sorted by history length (stable, so ties keep
+the shuffled order), cut again into the same W batch sizes, and the W batches are put in a
+seeded random order. A batch then pads to a similar length (the collate pads to the longest
+history in the batch), the epoch still holds every sample exactly once, every rank runs the
+same steps, and the order stays a pure function of (seed, epoch, rank), so resume is exact.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from data_pipes.batch import Batch
 from data_pipes.collate import build_batch, load_item_tokens
-from data_pipes.schema import SPLITS, DatasetError, feature_specs, load_manifest
+from data_pipes.schema import HISTORY, SPLITS, DatasetError, feature_specs, load_manifest
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,16 @@ def list_row_groups(dataset_dir: Path, split: str) -> list[RowGroup]:
             out.append(RowGroup(f, g, n, offset))
             offset += n
     return out
+
+
+def history_lengths(groups: list[RowGroup], max_history: int | None) -> np.ndarray:
+    """History length of every row of the split (global row order), capped at max_history."""
+    out = np.empty(sum(g.rows for g in groups), dtype=np.int32)
+    for g in groups:
+        col = pq.ParquetFile(g.path).read_row_group(g.index, columns=[HISTORY]).column(0)
+        arr = col.combine_chunks()
+        out[g.offset:g.offset + g.rows] = np.diff(arr.offsets.to_numpy())
+    return out if max_history is None else np.minimum(out, max_history)
 
 
 def num_steps(n: int, world_size: int, batch_size: int, drop_last: bool = False) -> int:
@@ -88,7 +105,8 @@ class EpochPlan:
     """The global order of one epoch and this rank's batches within it."""
 
     def __init__(self, groups: list[RowGroup], epoch: int, seed: int, shuffle: bool, rank: int,
-                 world_size: int, batch_size: int, drop_last: bool = False) -> None:
+                 world_size: int, batch_size: int, drop_last: bool = False,
+                 bucket_window: int = 0, lengths: np.ndarray | None = None) -> None:
         self.groups = groups
         self.seed, self.epoch, self.shuffle = seed, epoch, shuffle
         n = sum(g.rows for g in groups)
@@ -104,6 +122,32 @@ class EpochPlan:
         else:
             bs = batch_sizes(hi - lo, steps, batch_size) if steps else []
         self.bounds = lo + np.r_[0, np.cumsum(bs)].astype(np.int64)
+        self.positions: list[np.ndarray] | None = None
+        if bucket_window > 0 and shuffle and steps:
+            if lengths is None:
+                raise ValueError("length bucketing needs the split's history lengths")
+            self.positions = self._bucket(bucket_window, lengths)
+
+    def _bucket(self, window: int, lengths: np.ndarray) -> list[np.ndarray]:
+        """Sequence positions of every batch of this rank after length bucketing."""
+        rng = np.random.default_rng((self.seed, self.epoch, 1 << 20))
+        perms: dict[int, np.ndarray] = {}
+        out: list[np.ndarray] = []
+        for w0 in range(0, self.steps, window):
+            w1 = min(w0 + window, self.steps)
+            pos = np.arange(self.bounds[w0], self.bounds[w1])
+            k = np.searchsorted(self.starts, pos, side="right") - 1
+            rows = np.empty(pos.size, dtype=np.int64)
+            for kk in np.unique(k):
+                sel = k == kk
+                perm = perms.setdefault(int(kk), self.row_perm(int(kk)))
+                g = self.groups[int(self.order[kk])]
+                rows[sel] = g.offset + perm[pos[sel] - self.starts[kk]]
+            pos = pos[np.argsort(lengths[rows], kind="stable")]
+            cuts = self.bounds[w0:w1 + 1] - self.bounds[w0]
+            batches = [np.sort(pos[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+            out.extend(batches[i] for i in rng.permutation(len(batches)))
+        return out
 
     def row_perm(self, k: int) -> np.ndarray:
         """Row order inside the k-th group of the epoch order."""
@@ -112,17 +156,16 @@ class EpochPlan:
             return np.arange(self.groups[g].rows)
         return np.random.default_rng((self.seed, self.epoch, g)).permutation(self.groups[g].rows)
 
-    def segments(self, j: int) -> list[tuple[int, int, int]]:
-        """Batch j as [(ordered group k, start, stop) positions inside that group's order]."""
-        a, b = int(self.bounds[j]), int(self.bounds[j + 1])
-        k = int(np.searchsorted(self.starts, a, side="right") - 1)
-        out = []
-        while a < b:
-            stop = min(b, int(self.starts[k + 1]))
-            out.append((k, a - int(self.starts[k]), stop - int(self.starts[k])))
-            a = stop
-            k += 1
-        return out
+    def segments(self, j: int) -> list[tuple[int, np.ndarray]]:
+        """Batch j as [(ordered group k, positions inside that group's row order)]."""
+        if self.positions is not None:
+            pos = self.positions[j]
+        else:
+            pos = np.arange(int(self.bounds[j]), int(self.bounds[j + 1]))
+        k = np.searchsorted(self.starts, pos, side="right") - 1
+        cut = np.flatnonzero(np.diff(k)) + 1
+        return [(int(kk[0]), p - int(self.starts[kk[0]]))
+                for kk, p in zip(np.split(k, cut), np.split(pos, cut), strict=True)]
 
 
 class StreamingSplit(IterableDataset):
@@ -131,8 +174,9 @@ class StreamingSplit(IterableDataset):
     def __init__(self, dataset_dir: str | Path, split: str, *, batch_size: int, rank: int,
                  world_size: int, seed: int, shuffle: bool, with_tokens: bool = True,
                  pad_history_to: int | None = None, max_history: int | None = None,
-                 drop_last: bool = False) -> None:
+                 drop_last: bool = False, bucket_window: int = 0) -> None:
         super().__init__()
+        self.bucket_window = bucket_window if shuffle else 0
         self.drop_last = drop_last
         self.max_history = max_history
         self.dataset_dir = Path(dataset_dir)
@@ -143,6 +187,9 @@ class StreamingSplit(IterableDataset):
         self.features = feature_specs(manifest)
         self.groups = list_row_groups(self.dataset_dir, split)
         self.item_tokens = load_item_tokens(self.dataset_dir)[0] if with_tokens else None
+        # Per-row history lengths (capped at max_history) for bucketing: read once here from
+        # the list offsets only, before workers fork.
+        self.lengths = history_lengths(self.groups, max_history) if self.bucket_window else None
         self.epoch = 0
         self._next = 0       # next batch index of this worker's next yield
         self._resume: dict[str, Any] | None = None
@@ -153,30 +200,40 @@ class StreamingSplit(IterableDataset):
 
     def plan(self) -> EpochPlan:
         return EpochPlan(self.groups, self.epoch, self.seed, self.shuffle, self.rank,
-                         self.world_size, self.batch_size, self.drop_last)
+                         self.world_size, self.batch_size, self.drop_last,
+                         self.bucket_window, self.lengths)
 
     def __len__(self) -> int:
         return self.plan().steps
 
-    def _read(self, plan: EpochPlan, k: int, cache: dict[str, Any]) -> tuple[pa.Table, np.ndarray]:
-        if cache.get("k") != k:
+    def _read(self, plan: EpochPlan, k: int,
+              cache: dict[int, tuple[pa.Table, np.ndarray]]) -> tuple[pa.Table, np.ndarray]:
+        """(row group table as stored, its row order this epoch), cached per worker."""
+        if k not in cache:
             g = plan.groups[int(plan.order[k])]
             try:
                 table = pq.ParquetFile(g.path).read_row_group(g.index)  # all columns: the schema is the contract
             except (pa.ArrowInvalid, OSError) as e:
                 raise DatasetError(f"{g.path}: row group {g.index} unreadable ({e})") from None
-            perm = plan.row_perm(k)
-            cache.update(k=k, table=table.take(perm), rows=g.offset + perm, path=g.path,
-                         index=g.index)
-        return cache["table"], cache["rows"]
+            cache[k] = (table, plan.row_perm(k))
+        return cache[k]
 
-    def build(self, plan: EpochPlan, j: int, cache: dict[str, Any]) -> Batch:
+    def build(self, plan: EpochPlan, j: int, cache: dict[int, Any]) -> Batch:
         parts, rows, groups = [], [], []
-        for k, a, b in plan.segments(j):
-            table, row_ids = self._read(plan, k, cache)
-            parts.append(table.slice(a, b - a))
-            rows.append(row_ids[a:b])
-            groups.append(plan.groups[int(plan.order[k])])
+        segments = plan.segments(j)
+        for old in [k for k in cache if k < segments[0][0]]:  # groups are visited in order
+            del cache[old]
+        for k, pos in segments:
+            table, perm = self._read(plan, k, cache)
+            idx = perm[pos]
+            contiguous = idx.size and idx[-1] - idx[0] == idx.size - 1 and (
+                np.diff(idx) == 1).all()
+            # one gather of just this batch's rows (a slice when they are contiguous, as in
+            # evaluation); no full-table shuffle per row group
+            parts.append(table.slice(int(idx[0]), idx.size) if contiguous else table.take(idx))
+            g = plan.groups[int(plan.order[k])]
+            rows.append(g.offset + idx)
+            groups.append(g)
         table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
 
         def where(row: int) -> str:  # only called to word an error
@@ -200,7 +257,7 @@ class StreamingSplit(IterableDataset):
             self._resume = None
         if start >= plan.steps:  # a finished epoch iterated again starts over
             start = 0
-        cache: dict[str, Any] = {}
+        cache: dict[int, Any] = {}
         j = start if start % nw == wid else start + (wid - start % nw) % nw
         while j < plan.steps:
             batch = self.build(plan, j, cache)
@@ -226,14 +283,16 @@ class StreamingSplit(IterableDataset):
 def build_loader(dataset_dir: str | Path, split: str, *, batch_size: int, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, seed: int = 0, shuffle: bool = True,
                  drop_last: bool = False, pad_history_to: int | None = None,
-                 with_tokens: bool = True, max_history: int | None = None) -> StatefulDataLoader:
+                 with_tokens: bool = True, max_history: int | None = None,
+                 bucket_window: int = 0) -> StatefulDataLoader:
     """A StatefulDataLoader over this rank's batches (batches are built in the dataset).
     drop_last=False: every sample exactly once, ⌈⌈N/W⌉/batch⌉ steps per rank, the last batches
     may be short. drop_last=True: ⌊⌊N/W⌋/batch⌋ full batches per rank, the rest is skipped."""
     ds = StreamingSplit(dataset_dir, split, batch_size=batch_size, rank=rank,
                         world_size=world_size, seed=seed, shuffle=shuffle,
                         with_tokens=with_tokens, pad_history_to=pad_history_to,
-                        max_history=max_history, drop_last=drop_last)
+                        max_history=max_history, drop_last=drop_last,
+                        bucket_window=bucket_window)
     # Its own generator: creating an iterator draws a base seed, which must not consume the
     # global torch RNG (dropout masks) or a resumed run would diverge from an uninterrupted one.
     return StatefulDataLoader(ds, batch_size=None, num_workers=num_workers,

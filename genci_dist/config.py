@@ -51,6 +51,9 @@ class DataConfig:
     num_workers: int = 1
     pad_history_to: int = 0
     """0 = pad each batch to its longest history (dynamic); L > 0 = always pad to L."""
+    bucket_window: int = 0
+    """Training length bucketing: sort the samples of every W consecutive batches by history
+    length before cutting them into batches (0 = off). Same samples per epoch, less padding."""
     seed: int = 2024
 
 

@@ -94,7 +94,8 @@ class Trainer:
             self.dataset_dir, split, batch_size=batch, rank=self.env.rank,
             world_size=self.env.world_size, num_workers=d.num_workers, seed=d.seed,
             shuffle=shuffle, pad_history_to=d.pad_history_to or None,
-            with_tokens=self.cfg.model.name == "genci", max_history=d.max_history)
+            with_tokens=self.cfg.model.name == "genci", max_history=d.max_history,
+            bucket_window=d.bucket_window if shuffle else 0)
 
     def _train_state(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "best_auc": self.best_auc,

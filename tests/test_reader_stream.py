@@ -24,11 +24,11 @@ def _split_rows(ds: Path, split: str) -> int:
 
 
 def _epoch(ds: Path, split: str, ws: int, nw: int, bs: int = 7, epoch: int = 0,
-           seed: int = 1, shuffle: bool = True) -> list[list[np.ndarray]]:
+           seed: int = 1, shuffle: bool = True, bucket: int = 0) -> list[list[np.ndarray]]:
     out = []
     for r in range(ws):
         loader = build_loader(ds, split, batch_size=bs, rank=r, world_size=ws, num_workers=nw,
-                              seed=seed, shuffle=shuffle)
+                              seed=seed, shuffle=shuffle, bucket_window=bucket)
         loader.dataset.set_epoch(epoch)
         out.append([b.row_ids.numpy() for b in loader])
     return out
@@ -36,9 +36,11 @@ def _epoch(ds: Path, split: str, ws: int, nw: int, bs: int = 7, epoch: int = 0,
 
 @pytest.mark.parametrize("ws", [1, 2, 3])
 @pytest.mark.parametrize("nw", [0, 2])
-def test_every_sample_exactly_once_and_equal_steps(tiny_dataset: Path, ws: int, nw: int) -> None:
+@pytest.mark.parametrize("bucket", [0, 3])
+def test_every_sample_exactly_once_and_equal_steps(tiny_dataset: Path, ws: int, nw: int,
+                                                   bucket: int) -> None:
     for split in ("train", "test"):
-        per_rank = _epoch(tiny_dataset, split, ws, nw)
+        per_rank = _epoch(tiny_dataset, split, ws, nw, bucket=bucket)
         assert len({len(r) for r in per_rank}) == 1, "ranks must run the same number of steps"
         assert all(len(b) > 0 for r in per_rank for b in r)
         rows = np.concatenate([b for r in per_rank for b in r])
@@ -61,8 +63,11 @@ def test_order_independent_of_workers_and_seeded(tiny_dataset: Path) -> None:
 
 
 @pytest.mark.parametrize("nw", [0, 2])
-def test_resume_mid_epoch_yields_exactly_the_rest(tiny_dataset: Path, nw: int) -> None:
-    kw = dict(batch_size=5, rank=1, world_size=2, num_workers=nw, seed=4, shuffle=True)
+@pytest.mark.parametrize("bucket", [0, 4])
+def test_resume_mid_epoch_yields_exactly_the_rest(tiny_dataset: Path, nw: int,
+                                                  bucket: int) -> None:
+    kw = dict(batch_size=5, rank=1, world_size=2, num_workers=nw, seed=4, shuffle=True,
+              bucket_window=bucket)
     full = build_loader(tiny_dataset, "train", **kw)
     full.dataset.set_epoch(2)
     expected = [b.row_ids for b in full]
@@ -78,6 +83,30 @@ def test_resume_mid_epoch_yields_exactly_the_rest(tiny_dataset: Path, nw: int) -
     got = head + rest
     assert len(got) == len(expected)
     assert all(torch.equal(x, y) for x, y in zip(got, expected, strict=True))
+
+
+def test_length_bucketing_pads_less_and_keeps_the_epoch(tiny_dataset: Path) -> None:
+    """Within each window of W batches the samples are sorted by history length: the summed
+    padded width (what the encoder pays for) drops, the epoch's sample set and the batch
+    sizes are those of the unbucketed epoch, and a window's batches each hold a contiguous
+    run of the length-sorted window."""
+    def run(bucket: int) -> tuple[list[np.ndarray], list[int], list[np.ndarray]]:
+        loader = build_loader(tiny_dataset, "train", batch_size=6, seed=3, shuffle=True,
+                              bucket_window=bucket)
+        loader.dataset.set_epoch(1)
+        batches = list(loader)
+        return ([b.row_ids.numpy() for b in batches], [b.history.shape[1] for b in batches],
+                [b.history_lengths.numpy() for b in batches])
+    rows0, width0, _ = run(0)
+    rows, width, lens = run(4)
+    assert [len(r) for r in rows] == [len(r) for r in rows0]
+    assert sorted(np.concatenate(rows).tolist()) == sorted(np.concatenate(rows0).tolist())
+    assert sum(width) < sum(width0)
+    for w in range(0, len(rows), 4):  # within a window, length ranges do not interleave
+        spans = sorted((int(x.min()), int(x.max())) for x in lens[w:w + 4])
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))
+    rows_again, _, _ = run(4)
+    assert all((a == b).all() for a, b in zip(rows, rows_again, strict=True))
 
 
 def test_batch_sizes_never_leave_an_empty_tail() -> None:

@@ -22,6 +22,13 @@ class ModelConfig:
     num_heads: int = 8
     d_kv: int = 32
     t5_dropout: float = 0.0
+    attention: Literal["genci_t5", "sdpa", "eager"] = "genci_t5"
+    """T5 attention kernel: genci_t5 (model/t5_attention.py: same maths as eager, blocked over
+    the batch and recomputed in backward), or transformers' sdpa / eager."""
+    attention_block: int = 8
+    """genci_t5: samples per attention block (0 = one block, scores materialised for all)."""
+    dedup_histories: bool = False
+    """Encode each distinct history of a batch once and share its encoder output."""
     beam_width: int = 1
     """Constrained beam search width (1 = greedy, the official setting)."""
     ntp_on: Literal["positive", "all"] = "positive"

@@ -16,6 +16,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from data_pipes.schema import TokenVocab
 from genci_dist.model.config import ModelConfig
+from genci_dist.model.t5_attention import register
 from genci_dist.tokenizer.trie import SemanticIdTrie
 
 
@@ -24,7 +25,9 @@ def build_t5(cfg: ModelConfig, vocab: TokenVocab) -> T5ForConditionalGeneration:
                      d_kv=cfg.d_kv, num_layers=cfg.num_encoder_layers,
                      num_decoder_layers=cfg.num_decoder_layers, num_heads=cfg.num_heads,
                      dropout_rate=cfg.t5_dropout, feed_forward_proj="relu",
-                     pad_token_id=0, decoder_start_token_id=0, eos_token_id=0)
+                     pad_token_id=0, decoder_start_token_id=0, eos_token_id=0,
+                     genci_attention_block=cfg.attention_block)
+    t5cfg._attn_implementation = register() if cfg.attention == "genci_t5" else cfg.attention
     return T5ForConditionalGeneration(t5cfg)
 
 
@@ -34,14 +37,25 @@ class Generator(nn.Module):
         self.vocab = vocab
         self.t5 = build_t5(cfg, vocab)
         self.offsets = vocab.offsets()
+        self.dedup = cfg.dedup_histories
 
     def encode(self, history_tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """history_tokens [B, S] → (H_enc [B, S', d], mask [B, S'] long).
+        """history_tokens [B, S] (any integer dtype) → (H_enc [B, S', d], mask [B, S'] long).
 
         An empty history is encoded as one visible padding token, so its H_LTI is the
-        (learned) encoding of "no history" rather than an average over masked garbage."""
+        (learned) encoding of "no history" rather than an average over masked garbage.
+        With dedup_histories, each distinct row is encoded once and its output indexed back
+        (the encoder is per-sample, so this is exact; gradients of copies add up)."""
         if history_tokens.shape[1] == 0:
             history_tokens = history_tokens.new_zeros(history_tokens.shape[0], 1)
+        if self.dedup and history_tokens.shape[0] > 1:
+            uniq, inverse = torch.unique(history_tokens, dim=0, return_inverse=True)
+            if uniq.shape[0] < history_tokens.shape[0]:
+                enc, mask = self._encode(uniq)
+                return enc[inverse], mask[inverse]
+        return self._encode(history_tokens)
+
+    def _encode(self, history_tokens: Tensor) -> tuple[Tensor, Tensor]:
         mask = (history_tokens != 0).long()
         mask[:, 0] |= (mask.sum(1) == 0).long()
         enc = self.t5.encoder(input_ids=history_tokens, attention_mask=mask).last_hidden_state
@@ -64,7 +78,8 @@ class Generator(nn.Module):
     def ntp_loss(logits: Tensor, target_tokens: Tensor, weights: Tensor) -> Tensor:
         """Token cross-entropy averaged over the samples with weight 1 (positives by default).
         Zero (with a graph) when the batch has none."""
-        ce = F.cross_entropy(logits.transpose(1, 2), target_tokens, reduction="none").mean(1)
+        ce = F.cross_entropy(logits.transpose(1, 2), target_tokens.long(),
+                             reduction="none").mean(1)
         return (ce * weights).sum() / weights.sum().clamp(min=1.0)
 
     @torch.no_grad()

@@ -98,20 +98,33 @@ class GenCITask(nn.Module):
                                               self.cfg.beam_width, steps=self.levels)
         return codes[:, 0]
 
+    def _intents(self, batch: Batch) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """(H_enc, mask, {"lt": H_LTI, "st": H_STI, "item": e_v}) for the enabled branches."""
+        enc, mask = self.generator.encode(batch.history_tokens)
+        out: dict[str, Tensor] = {}
+        if self.cfg.use_lt_intent:
+            out["lt"] = self.generator.last_valid(enc, mask)
+        if self.cfg.use_st_intent:
+            cohorts = self.cohort_ids(self.generate(enc, mask))
+            e_v, e_c = self.intent_emb(batch.item_ids, cohorts, self.cohort_indptr,
+                                       self.cohort_members)
+            out["st"] = self.cohort_attn(e_c, enc, mask, e_v)
+            out["item"] = e_v
+        return enc, mask, out
+
+    @torch.no_grad()
+    def intents(self, batch: Batch) -> dict[str, Tensor]:
+        """Long-term intent H_LTI, short-term intent H_STI and the target item's intent-space
+        embedding e_v (all [B, d_model]) for analysis (paper Fig. 4)."""
+        return {k: v.detach() for k, v in self._intents(batch)[2].items()}
+
     def forward(self, batch: Batch) -> TaskOutput:
         cfg = self.cfg
         y = batch.labels
         fields, e_u, e_v_feat = self.sparse(batch.sparse_features)
-        enc, mask = self.generator.encode(batch.history_tokens)
-        reps = []
+        enc, mask, intents = self._intents(batch)
+        reps = [intents[k] for k in ("lt", "st") if k in intents]
         parts: dict[str, Tensor] = {}
-        if cfg.use_lt_intent:
-            reps.append(self.generator.last_valid(enc, mask))
-        if cfg.use_st_intent:
-            cohorts = self.cohort_ids(self.generate(enc, mask))
-            e_v, e_c = self.intent_emb(batch.item_ids, cohorts, self.cohort_indptr,
-                                       self.cohort_members)
-            reps.append(self.cohort_attn(e_c, enc, mask, e_v))
         logit = self.mlp(torch.cat([*reps, e_u, e_v_feat], dim=1)).squeeze(-1)
         loss = parts["ctr"] = _bce(logit, y)
         if cfg.use_ntp:

@@ -1,0 +1,123 @@
+"""A leaner attention kernel for transformers' T5 on CPU, registered as `attn_implementation =
+"genci_t5"` (same mathematics as transformers' `eager`, fewer memory passes).
+
+Why by hand: T5 adds a *learned* relative-position bias to the scores. With a bias that needs a
+gradient, PyTorch's SDPA cannot use its fused CPU (flash) kernel and falls back to
+`_scaled_dot_product_attention_math`, which on top of eager's work runs `_safe_softmax`
+(isneginf / all / where passes over the B×H×S×S scores) and scales q and k separately;
+`eager` allocates a new B×H×S×S tensor for each of `* scaling`, `+ position_bias` and
+`+ mask`. Here the scores are written once by the matmul and updated in place (the matmul's
+backward needs q and k, not its output): bias and mask are added in one `add_` of a
+pre-summed [B|1, H, Sq, Sk] term, then one softmax, one matmul. Masks are eager's float masks
+(0 / dtype-min, never skipped), so a fully padded row behaves exactly as in eager.
+Where no gradient is needed (eval, generation) the additive term has no grad either, and SDPA's
+fused kernel is used with it.
+
+Measured in `python -m genci_dist.bench --only attention` (before/after in one run).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+NAME = "genci_t5"
+
+
+def genci_t5_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                       attention_mask: Tensor | None, scaling: float | None = None,
+                       dropout: float = 0.0, position_bias: Tensor | None = None,
+                       **_: object) -> tuple[Tensor, None]:
+    """q [B, H, Sq, D], k/v [B, H, Sk, D]; bias [1|B, H, Sq, Sk]; mask float [B, 1, Sq, Sk]."""
+    scale = 1.0 if scaling is None else scaling
+    additive = position_bias
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:  # defensive: a boolean "attend" mask
+            attention_mask = torch.zeros_like(attention_mask, dtype=query.dtype).masked_fill_(
+                ~attention_mask, torch.finfo(query.dtype).min)
+        additive = attention_mask if additive is None else additive + attention_mask
+    p = dropout if module.training else 0.0
+    block = getattr(module.config, "genci_attention_block", 0)
+    if (p == 0.0 and block > 0 and torch.is_grad_enabled() and position_bias is not None
+            and position_bias.requires_grad and position_bias.shape[0] == 1):
+        out = BlockedBiasAttention.apply(query, key, value, position_bias, attention_mask,
+                                         scale, block)
+        return out.transpose(1, 2).contiguous(), None
+    if not torch.is_grad_enabled() or additive is None or not additive.requires_grad:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=additive,
+                                             dropout_p=p, scale=scale)
+        return out.transpose(1, 2).contiguous(), None
+    scores = torch.matmul(query, key.transpose(2, 3))
+    if scale != 1.0:
+        scores.mul_(scale)
+    scores.add_(additive)
+    weights = torch.softmax(scores, dim=-1)
+    if p > 0.0:
+        weights = F.dropout(weights, p=p, training=True)
+    out = torch.matmul(weights, value)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _block(q: Tensor, k: Tensor, bias: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    """softmax(scale·q kᵀ + bias + mask) of one block of samples."""
+    s = torch.matmul(q, k.transpose(2, 3))
+    if scale != 1.0:
+        s.mul_(scale)
+    s.add_(bias)
+    if mask is not None:
+        s.add_(mask)
+    return s.softmax(dim=-1)
+
+
+class BlockedBiasAttention(torch.autograd.Function):
+    """softmax(q kᵀ·scale + bias + mask) v over blocks of `block` samples, recomputing the
+    probabilities in backward (flash-attention style, blocked over the batch instead of over
+    keys): a block's B_c×H×Sq×Sk scores stay in cache across matmul → add → softmax → matmul
+    instead of streaming a B×H×Sq×Sk tensor through memory ~6 times, and nothing of that size
+    is kept for backward. Gradients: q, k, v and the shared bias [1, H, Sq, Sk] (summed over
+    samples); the mask gets none."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor,  # noqa: ANN001
+                mask: Tensor | None, scale: float, block: int) -> Tensor:
+        b = q.shape[0]
+        out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+        for i in range(0, b, block):
+            m = None if mask is None else mask[i:i + block]
+            p = _block(q[i:i + block], k[i:i + block], bias, m, scale)
+            torch.matmul(p, v[i:i + block], out=out[i:i + block])
+        ctx.save_for_backward(q, k, v, bias, out, mask)
+        ctx.scale, ctx.block = scale, block
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):  # noqa: ANN001, ANN205
+        q, k, v, bias, out, mask = ctx.saved_tensors
+        scale, block = ctx.scale, ctx.block
+        dout = dout.contiguous()
+        delta = (dout * out).sum(-1, keepdim=True)            # [B, H, Sq, 1]
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dbias = torch.zeros(bias.shape[1:], dtype=torch.float32, device=q.device)
+        for i in range(0, q.shape[0], block):
+            sl = slice(i, i + block)
+            m = None if mask is None else mask[sl]
+            p = _block(q[sl], k[sl], bias, m, scale)
+            dv[sl] = torch.matmul(p.transpose(2, 3), dout[sl])
+            ds = torch.matmul(dout[sl], v[sl].transpose(2, 3))
+            ds.sub_(delta[sl]).mul_(p)                         # dS = P ∘ (dP − rowsum(dO∘O))
+            dbias += ds.sum(0)
+            if scale != 1.0:
+                ds.mul_(scale)
+            dq[sl] = torch.matmul(ds, k[sl])
+            dk[sl] = torch.matmul(ds.transpose(2, 3), q[sl])
+        return dq, dk, dv, dbias.to(bias.dtype)[None], None, None, None
+
+
+def register() -> str:
+    """Registers the kernel and eager's float masks under NAME (idempotent); returns NAME."""
+    AttentionInterface.register(NAME, genci_t5_attention)
+    AttentionMaskInterface.register(NAME, eager_mask)
+    return NAME
