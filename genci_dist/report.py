@@ -1,10 +1,22 @@
-"""Plots and tables for a finished run: training curves (PNG) and a side-by-side metric table.
+"""Plots and tables for finished runs.
 
     python -m genci_dist.report compare runs/a/metrics.json runs/b/metrics.json [--base NAME]
+        side-by-side AUC / LogLoss / GAUC / RelaImpr table
+    python -m genci_dist.report figures --run RUN [--checkpoint CKPT] [--data DIR]
+            [--predictions NAME=FILE ...] [--tsne-samples N] [--tsne-labels all|positive]
+        into RUN: training_curves.png; fig4_tsne.png/.json (GenCI runs, paper Fig. 4);
+        with predictions, volatility.png/.json/.md (paper Table 5)
+    python -m genci_dist.report volatility --data DIR --predictions NAME=FILE ... --out DIR
+            [--base NAME]
+        fast- vs slow-changing users' AUC / LogLoss for several models (paper Table 5)
+
+Prediction files come from `python -m genci_dist.evaluate --checkpoint RUN/checkpoints/best
+--split test --predictions FILE`.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections.abc import Sequence
@@ -62,23 +74,119 @@ def compare_table(runs: Sequence[Path], split: str = "test", base: str | None = 
     return "\n".join(lines)
 
 
+def _named_files(items: Sequence[str]) -> dict[str, Path]:
+    """NAME=FILE pairs (a bare FILE is named after its stem) in the order given."""
+    from genci_dist.analysis import AnalysisError
+
+    out: dict[str, Path] = {}
+    for item in items:
+        name, sep, file = item.partition("=")
+        if not sep:
+            name, file = Path(item).stem, item
+        if not name or not file:
+            raise AnalysisError(f"--predictions {item!r}: expected NAME=FILE")
+        if name in out:
+            raise AnalysisError(f"--predictions: model name {name!r} given twice")
+        out[name] = Path(file)
+    return out
+
+
+def figures(run_dir: Path, checkpoint: Path | None = None, data_dir: Path | None = None,
+            predictions: dict[str, Path] | None = None, tsne_samples: int = 2000,
+            tsne_labels: str = "all", seed: int = 0) -> list[Path]:
+    """Every figure of one run, written into run_dir; returns the paths written. What cannot
+    be made (no history yet, no checkpoint, a baseline run without intents) is reported and
+    skipped, so one missing piece does not cost the others."""
+    from genci_dist import analysis
+    from genci_dist.checkpoint import load_checkpoint_config, resolve
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise analysis.AnalysisError(f"{run_dir}: run folder not found")
+    written: list[Path] = []
+    mpath = run_dir / "metrics.json"
+    history = json.loads(mpath.read_text()).get("history", []) if mpath.is_file() else []
+    curves = write_training_curves(history, run_dir)
+    if curves is None:
+        print(f"[figures] training curves skipped: no epoch history in {mpath}", flush=True)
+    else:
+        written.append(curves)
+    cfg = None
+    try:
+        ckpt = resolve(checkpoint if checkpoint is not None else run_dir)
+        cfg = load_checkpoint_config(ckpt, [])
+    except FileNotFoundError as e:
+        if checkpoint is not None:
+            raise analysis.AnalysisError(str(e)) from None
+        print(f"[figures] Fig. 4 skipped: {e}", flush=True)
+    if cfg is not None and cfg.model.name == "genci":
+        written += analysis.write_fig4(ckpt, run_dir, tsne_samples, tsne_labels, seed,
+                                       data_dir=data_dir)
+    elif cfg is not None:
+        print(f"[figures] Fig. 4 skipped: {ckpt} is a {cfg.model.name} run (no intents)",
+              flush=True)
+    if predictions:
+        data = data_dir or (Path(cfg.data.dir) if cfg is not None else None)
+        if data is None:
+            raise analysis.AnalysisError("volatility needs the dataset: pass --data DIR (no "
+                                         f"checkpoint config in {run_dir} names it)")
+        result = analysis.volatility_comparison(data, predictions)
+        written += analysis.write_volatility(result, run_dir)
+    return written
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="genci-report", description="Plots and tables for runs.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("compare", help="metric table of several metrics.json files")
+    c.add_argument("runs", nargs="+", type=Path)
+    c.add_argument("--base", default=None, help="model name to compute RelaImpr against")
+    c.add_argument("--split", default="test")
+    f = sub.add_parser("figures", help="all figures of one run, into the run folder")
+    f.add_argument("--run", required=True, type=Path, help="the run folder (train.run_dir)")
+    f.add_argument("--checkpoint", type=Path, default=None,
+                   help="default: RUN/checkpoints/best (else latest)")
+    f.add_argument("--data", type=Path, default=None,
+                   help="prepared dataset (default: the checkpoint config's data.dir)")
+    f.add_argument("--predictions", nargs="+", default=[], metavar="NAME=FILE")
+    f.add_argument("--tsne-samples", type=int, default=2000)
+    f.add_argument("--tsne-labels", choices=["all", "positive"], default="all")
+    f.add_argument("--seed", type=int, default=0, help="t-SNE random_state")
+    v = sub.add_parser("volatility", help="fast- vs slow-changing users (paper Table 5)")
+    v.add_argument("--data", required=True, type=Path, help="prepared dataset folder")
+    v.add_argument("--predictions", nargs="+", required=True, metavar="NAME=FILE")
+    v.add_argument("--out", required=True, type=Path, help="output folder")
+    v.add_argument("--base", default=None, help="model name to compute RelaImpr against")
+    v.add_argument("--feature", default=None, help="item set column (default: genres, "
+                   "else categories)")
+    return p
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] != "compare":
-        print(__doc__)
+    from data_pipes.schema import DatasetError
+    from genci_dist.analysis import AnalysisError, volatility_comparison, write_volatility
+    from genci_dist.config import ConfigError
+
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "compare":
+        print(compare_table(args.runs, split=args.split, base=args.base))
+        return 0
+    try:
+        preds = _named_files(args.predictions)
+        if args.command == "figures":
+            written = figures(args.run, args.checkpoint, args.data, preds, args.tsne_samples,
+                              args.tsne_labels, args.seed)
+        else:
+            result = volatility_comparison(args.data, preds, args.feature, args.base)
+            written = write_volatility(result, args.out)
+            print(Path(written[1]).read_text(), end="")
+    except (AnalysisError, DatasetError, ConfigError) as e:  # messages name the file
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    args = args[1:]
-    base = None
-    split = "test"
-    if "--base" in args:
-        i = args.index("--base")
-        base = args[i + 1]
-        del args[i:i + 2]
-    if "--split" in args:
-        i = args.index("--split")
-        split = args[i + 1]
-        del args[i:i + 2]
-    print(compare_table([Path(a) for a in args], split=split, base=base))
+    for path in written:
+        print(f"wrote {path}")
     return 0
 
 

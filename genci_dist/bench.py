@@ -1,0 +1,569 @@
+"""Training-stack benchmark (JSON lines on stdout): samples/s of the real `Trainer` stack (DMP,
+fused sparse optimizer, DDP, the streaming loader) on prepared datasets, at world size 1 and 2
+(real gloo processes), with the step time split into phases, plus the generator's achieved
+GFLOP/s against a plain fp32 matmul and the peak RSS.
+
+    genci-bench --configs configs/ml1m.toml,configs/ml100k.toml --models genci,deepfm,dcnv2,din \\
+        --world-sizes 1,2 --steps 20 --warmup 3 --eval-batches 5
+    genci-bench --configs configs/ml1m.toml --models genci --world-sizes 1 --repeats 3 \\
+        --variant base:"--model.attention sdpa" --variant fused:"--model.attention genci_t5"
+    genci-bench --configs configs/debug.toml --steps 2 --warmup 1 --only train --threads 1 \\
+        --train.lr 0.001            # unknown `--section.key VALUE` args apply to every run
+
+One measurement = one (config, model, world size, variant, repeat): W ranks are spawned (fresh
+processes, so each peak RSS is its own; `--inprocess` runs world size 1 in this process),
+each builds a `Trainer` (checkpoints and TensorBoard off, a temporary run_dir) and runs the
+requested benches; rank 0 reports through a file and this process prints one line per bench:
+
+- train: W warm-up + N timed steps of loader next → DMP forward → backward → optimizer (as
+  `Trainer._train_epoch`). samples_per_s = samples of all ranks / wall time (max over ranks).
+  split_s = seconds per step, mean over ranks: data (next + to(device)); inside the forward,
+  by forward hooks on the task's submodules (the outermost hooked call owns the time, so the
+  T5 decoder steps run by beam search count as generation): embedding (sparse, intent_emb,
+  DIN history), encoder (generator.t5.encoder), decoder (generator.t5 / .decoder / .lm_head
+  outside generation: the NTP pass), generation (the task's `generate`, wrapped on the
+  instance), attention (cohort_attn, DIN attention), mlp (mlp, teacher, baseline head),
+  forward_other (the forward's remainder: losses, DDP, glue); backward (zero_grad +
+  backward, incl. fused sparse updates and the DDP all-reduce); optimizer (step + LR).
+- eval: forward under no_grad over M batches of the valid split (eval_batch_size), same split.
+- flops (genci only): FLOPs of one generator forward+backward (encoder + teacher-forced NTP
+  decoder + loss, backward by autograd.grad so DDP's hooks stay out) and of one beam search
+  (forward only) on a real local batch, counted by FlopCounterMode; achieved GFLOP/s =
+  FLOPs / median wall time of the same call; matmul_gflops = n×n fp32 torch.mm on the same
+  threads; ratio = achieved / matmul. gflop_per_sample is per sample of the local batch.
+- matmul: the matmul rate alone.
+
+Variants (`--variant NAME:"OVERRIDES"`) re-run every measurement with their overrides;
+with `--repeats R` the variants are interleaved within each repeat and, when R > 1 or there
+are several variants, a summary line per bench (repeat = "median": medians, best_*, speedup
+against the first variant) follows each (config, model, world size) group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import resource
+import shlex
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+BENCHES = ("train", "eval", "flops", "matmul")
+MODELS = ("genci", "deepfm", "dcnv2", "din")
+# Phase → submodule names relative to the task (found under DMP's `_dmp_wrapped_module` and
+# DDP's `module` prefixes). A missing name is simply not hooked (ablations, baselines).
+HOOKS: dict[str, tuple[str, ...]] = {
+    "embedding": ("sparse", "intent_emb", "history"),
+    "encoder": ("generator.t5.encoder",),
+    "decoder": ("generator.t5", "generator.t5.decoder", "generator.t5.lm_head"),
+    "attention": ("cohort_attn", "attention"),
+    "mlp": ("mlp", "teacher", "head"),
+}
+FORWARD_PHASES = ("embedding", "encoder", "decoder", "generation", "attention", "mlp")
+TRAIN_PHASES = ("data", *FORWARD_PHASES, "forward_other", "backward", "optimizer")
+EVAL_PHASES = ("data", *FORWARD_PHASES, "forward_other")
+WRAPPER_PREFIXES = ("_dmp_wrapped_module", "module")
+HIGHER_IS_BETTER = ("samples_per_s", "achieved_gflops", "generation_gflops", "matmul_gflops",
+                    "ratio")
+LOWER_IS_BETTER = ("step_s",)
+
+
+@dataclass
+class RunSpec:
+    """One measurement: what each spawned rank builds and runs."""
+
+    config: str
+    model: str
+    world_size: int
+    variant: str
+    overrides: list[str]
+    benches: list[str]
+    steps: int
+    warmup: int
+    eval_batches: int
+    eval_warmup: int
+    flops_reps: int
+    matmul_size: int
+    matmul_reps: int
+    threads: int
+    verbose: bool
+    repeat: int = 0
+
+
+# ---- phase timing -------------------------------------------------------------------------
+class PhaseClock:
+    """Wall time per phase. Nested phases belong to the outermost one (depth counter), so a
+    hooked module called inside another hooked call (the T5 decoder inside beam search) is
+    never counted twice."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = defaultdict(float)
+        self._depth = 0
+        self._name = ""
+        self._t0 = 0.0
+
+    def enter(self, name: str) -> None:
+        if self._depth == 0:
+            self._name, self._t0 = name, time.perf_counter()
+        self._depth += 1
+
+    def exit(self) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self.totals[self._name] += time.perf_counter() - self._t0
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self.enter(name)
+        try:
+            yield
+        finally:
+            self.exit()
+
+    def reset(self) -> None:
+        self.totals.clear()
+
+
+def relative_name(name: str) -> str:
+    """`_dmp_wrapped_module.module.generator.t5` → `generator.t5`."""
+    parts = name.split(".") if name else []
+    while parts and parts[0] in WRAPPER_PREFIXES:
+        parts = parts[1:]
+    return ".".join(parts)
+
+
+def _wait_lazy(output: Any) -> Any:
+    """A sharded TorchRec module may return a LazyAwaitable whose communication completes
+    when first used: wait inside the hook so the lookup's time stays in its phase."""
+    from torchrec.distributed.types import LazyAwaitable
+
+    return output.wait() if isinstance(output, LazyAwaitable) else output
+
+
+def install_phase_hooks(dmp: nn.Module, task: nn.Module, clock: PhaseClock
+                        ) -> dict[str, list[str]]:
+    """Forward pre/post hooks on the HOOKS submodules and a timing wrapper around the task's
+    `generate` (an instance attribute shadowing the method). Returns the hooked names."""
+    by_name: dict[str, nn.Module] = {}
+    for name, mod in dmp.named_modules():
+        by_name.setdefault(relative_name(name), mod)
+    hooked: dict[str, list[str]] = {p: [] for p in FORWARD_PHASES}
+    for phase, names in HOOKS.items():
+        for name in names:
+            mod = by_name.get(name)
+            if mod is None:
+                continue
+
+            def pre(_m: nn.Module, _args: Any, phase: str = phase) -> None:
+                clock.enter(phase)
+
+            def post(_m: nn.Module, _args: Any, out: Any) -> Any:
+                out = _wait_lazy(out)
+                clock.exit()
+                return out
+
+            mod.register_forward_pre_hook(pre)
+            mod.register_forward_hook(post)
+            hooked[phase].append(name)
+    if callable(getattr(task, "generate", None)):
+        original: Callable[..., Any] = task.generate
+
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            with clock.phase("generation"):
+                return original(*args, **kwargs)
+
+        task.generate = generate  # type: ignore[method-assign]
+        hooked["generation"].append("generate")
+    return hooked
+
+
+class Feed:
+    """Endless batches from a loader: a new epoch (set_epoch) when one runs out."""
+
+    def __init__(self, loader: Any, device: torch.device) -> None:
+        self.loader, self.device, self.epoch = loader, device, 0
+        self._it = iter(loader)
+
+    def next(self) -> Any:
+        batch = next(self._it, None)
+        if batch is None:
+            self.epoch += 1
+            self.loader.dataset.set_epoch(self.epoch)
+            self._it = iter(self.loader)
+            batch = next(self._it)
+        return batch.to(self.device)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+# ---- measurements (on every rank) ---------------------------------------------------------
+def measure_loop(trainer: Any, clock: PhaseClock, feed: Feed, steps: int, warmup: int,
+                 train: bool) -> dict[str, Any]:
+    """Warm-up + timed steps; per-rank totals (seconds, samples)."""
+    dmp, env = trainer.dmp, trainer.env
+    dmp.train(train)
+    forward = samples = 0.0
+    start = time.perf_counter()
+    grad = contextlib.nullcontext() if train else torch.no_grad()
+    with grad:
+        for i in range(warmup + steps):
+            if i == warmup:
+                env.barrier()
+                clock.reset()
+                forward = samples = 0.0
+                start = time.perf_counter()
+            with clock.phase("data"):
+                batch = feed.next()
+            t = time.perf_counter()
+            loss, *_ = dmp(batch)
+            forward += time.perf_counter() - t
+            if train:
+                with clock.phase("backward"):
+                    trainer.optimizer.zero_grad()
+                    loss.backward()
+                with clock.phase("optimizer"):
+                    trainer.optimizer.step()
+                    trainer.scheduler.step()
+            samples += batch.size
+    env.barrier()
+    elapsed = time.perf_counter() - start
+    split = dict(clock.totals)
+    split["forward_other"] = max(0.0, forward - sum(split.get(p, 0.0) for p in FORWARD_PHASES))
+    return {"elapsed": elapsed, "samples": samples, "split": split}
+
+
+def _median_time(fn: Callable[[], Any], reps: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(max(1, reps)):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def measure_matmul(n: int, reps: int) -> dict[str, float]:
+    a, b, out = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+    torch.mm(a, b, out=out)
+    t = time.perf_counter()
+    for _ in range(max(1, reps)):
+        torch.mm(a, b, out=out)
+    dt = (time.perf_counter() - t) / max(1, reps)
+    return {"matmul_s": dt, "matmul_gflops": 2 * n**3 / dt / 1e9}
+
+
+def measure_flops(trainer: Any, task: nn.Module, reps: int) -> dict[str, float]:
+    """Generator forward+backward and beam search on one real local batch: FLOPs and time."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    gen = task.generator
+    batch = next(iter(trainer.train_loader)).to(trainer.env.device)
+    params = [p for p in gen.parameters() if p.requires_grad]
+    weights = batch.labels if task.cfg.ntp_on == "positive" else torch.ones_like(batch.labels)
+    task.train()
+
+    def fwd_bwd() -> None:
+        enc, mask = gen.encode(batch.history_tokens)
+        logits = gen.ntp_logits(enc, mask, batch.target_tokens)
+        loss = gen.ntp_loss(logits, batch.target_tokens, weights)
+        torch.autograd.grad(loss, params, allow_unused=True)
+
+    with FlopCounterMode(display=False) as counter:
+        fwd_bwd()
+    flops = counter.get_total_flops()
+    t_train = _median_time(fwd_bwd, reps)
+    with torch.no_grad():
+        enc, mask = gen.encode(batch.history_tokens)
+        with FlopCounterMode(display=False) as counter:
+            task.generate(enc, mask)
+        gen_flops = counter.get_total_flops()
+        t_gen = _median_time(lambda: task.generate(enc, mask), reps)
+    b = batch.size
+    return {"local_batch": b, "flops": flops, "fwd_bwd_s": t_train, "gen_flops": gen_flops,
+            "generation_s": t_gen, "achieved_gflops": flops / t_train / 1e9,
+            "generation_gflops": gen_flops / t_gen / 1e9, "samples_per_s": b / t_train}
+
+
+def load_spec_config(spec: RunSpec, run_dir: str) -> Any:
+    from genci_dist.config import load_config
+
+    forced = ["--checkpoint.enabled", "false", "--checkpoint.resume", "never",
+              "--train.tensorboard", "false", "--train.progress_bar", "false",
+              "--train.run_dir", run_dir]
+    return load_config(spec.config, ["--model.name", spec.model, *spec.overrides, *forced])
+
+
+def run_rank(spec: RunSpec, run_dir: str) -> list[dict[str, Any]] | None:
+    """Everything one rank does for one measurement; rank 0 returns the report lines."""
+    from genci_dist.distributed import DistEnv
+    from genci_dist.trainer import Trainer
+
+    cfg = load_spec_config(spec, run_dir)
+    env = DistEnv.init(cfg.train.device, require_pg=True)
+    try:
+        if spec.threads > 0:
+            torch.set_num_threads(spec.threads)
+        per_rank: dict[str, Any] = {}
+        trainer = task = None
+        if set(spec.benches) - {"matmul"}:
+            quiet = contextlib.redirect_stdout(sys.stderr if spec.verbose else io.StringIO())
+            with quiet:  # Trainer prints the resolved config and the plan on rank 0
+                trainer = Trainer(cfg, env)
+            task = trainer.dmp.module
+        clock = PhaseClock()
+        hooked = install_phase_hooks(trainer.dmp, task, clock) if trainer is not None else {}
+        if trainer is not None and env.rank == 0:
+            found = "; ".join(f"{p}={','.join(n) or '-'}" for p, n in hooked.items())
+            print(f"[bench] {spec.model} hooked: {found}", file=sys.stderr, flush=True)
+        if "train" in spec.benches:
+            feed = Feed(trainer.train_loader, env.device)
+            per_rank["train"] = measure_loop(trainer, clock, feed, spec.steps, spec.warmup, True)
+        if "eval" in spec.benches:
+            loader = trainer._loader("valid", shuffle=False,
+                                     batch=cfg.data.eval_batch_size // env.world_size)
+            per_rank["eval"] = measure_loop(trainer, clock, Feed(loader, env.device),
+                                            spec.eval_batches, spec.eval_warmup, False)
+        if "flops" in spec.benches and hasattr(task, "generator"):
+            env.barrier()
+            per_rank["flops"] = measure_flops(trainer, task, spec.flops_reps)
+        if "flops" in spec.benches or "matmul" in spec.benches:
+            env.barrier()
+            per_rank["matmul"] = measure_matmul(spec.matmul_size, spec.matmul_reps)
+        per_rank["rss"] = peak_rss_mb()
+        per_rank["threads"] = torch.get_num_threads()
+        gathered = env.all_gather_object(per_rank)
+        if env.rank != 0:
+            return None
+        return report_lines(spec, cfg, gathered, hooked)
+    finally:
+        env.destroy()
+
+
+# ---- reporting (rank 0) -------------------------------------------------------------------
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / max(len(values), 1)
+
+
+def report_lines(spec: RunSpec, cfg: Any, ranks: list[dict[str, Any]],
+                 hooked: dict[str, list[str]]) -> list[dict[str, Any]]:
+    base = {"variant": spec.variant, "config": spec.config, "model": spec.model,
+            "world_size": spec.world_size, "repeat": spec.repeat,
+            "overrides": spec.overrides, "peak_rss_mb": round(max(r["rss"] for r in ranks), 1),
+            "threads": ranks[0]["threads"], "torch": torch.__version__}
+    lines: list[dict[str, Any]] = []
+    for bench, phases, steps, batch in (
+            ("train", TRAIN_PHASES, spec.steps, cfg.data.batch_size),
+            ("eval", EVAL_PHASES, spec.eval_batches, cfg.data.eval_batch_size)):
+        if bench not in ranks[0]:
+            continue
+        runs = [r[bench] for r in ranks]
+        elapsed = max(r["elapsed"] for r in runs)
+        samples = sum(r["samples"] for r in runs)
+        split = {p: _mean([r["split"].get(p, 0.0) for r in runs]) / steps for p in phases}
+        lines.append({"bench": bench, **base, "batch_size": batch, "steps": steps,
+                      "samples": int(samples), "samples_per_s": samples / elapsed,
+                      "step_s": elapsed / steps, "split_s": split, "hooked": hooked})
+    if "matmul" in ranks[0]:
+        mm = _mean([r["matmul"]["matmul_gflops"] for r in ranks])
+        mm_s = _mean([r["matmul"]["matmul_s"] for r in ranks])
+        if "flops" in ranks[0]:
+            f = [r["flops"] for r in ranks]
+            achieved = _mean([x["achieved_gflops"] for x in f])
+            local = f[0]["local_batch"]
+            lines.append({
+                "bench": "flops", **base, "batch_size": cfg.data.batch_size,
+                "local_batch": local, "steps": spec.flops_reps,
+                "samples_per_s": sum(x["samples_per_s"] for x in f),
+                "step_s": _mean([x["fwd_bwd_s"] for x in f]),
+                "split_s": {"fwd_bwd": _mean([x["fwd_bwd_s"] for x in f]),
+                            "generation": _mean([x["generation_s"] for x in f])},
+                "gflop_per_sample": f[0]["flops"] / local / 1e9,
+                "generation_gflop_per_sample": f[0]["gen_flops"] / local / 1e9,
+                "achieved_gflops": achieved,
+                "generation_gflops": _mean([x["generation_gflops"] for x in f]),
+                "matmul_gflops": mm, "ratio": achieved / mm,
+                "generation_ratio": _mean([x["generation_gflops"] for x in f]) / mm})
+        if "matmul" in spec.benches:
+            lines.append({"bench": "matmul", **base, "batch_size": spec.matmul_size,
+                          "steps": spec.matmul_reps, "samples_per_s": None, "step_s": mm_s,
+                          "split_s": {}, "matmul_gflops": mm,
+                          "matmul_gflops_all_ranks": mm * len(ranks)})
+    return lines
+
+
+def summarize(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One line per (bench, variant): medians over repeats, best_*, speedup vs the first
+    variant (median samples/s, or matmul GFLOP/s)."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for line in lines:
+        groups[(line["bench"], line["variant"])].append(line)
+    out: list[dict[str, Any]] = []
+    first: dict[str, float] = {}
+    for (bench, _variant), rows in groups.items():
+        summary = dict(rows[0])
+        for key, value in rows[0].items():
+            if isinstance(value, float):
+                values = [r[key] for r in rows]
+                summary[key] = statistics.median(values)
+                if key in HIGHER_IS_BETTER:
+                    summary[f"best_{key}"] = max(values)
+                elif key in LOWER_IS_BETTER:
+                    summary[f"best_{key}"] = min(values)
+        if "peak_rss_mb" in summary:
+            summary["peak_rss_mb"] = round(summary["peak_rss_mb"], 1)
+        summary["repeat"] = "median"
+        summary["repeats"] = len(rows)
+        if rows[0].get("split_s"):
+            summary["split_s"] = {k: statistics.median(r["split_s"][k] for r in rows)
+                                  for k in rows[0]["split_s"]}
+        metric = summary.get("samples_per_s") or summary.get("matmul_gflops") or 0.0
+        first.setdefault(bench, metric)
+        summary["speedup"] = metric / first[bench] if first[bench] else None
+        out.append(summary)
+    return out
+
+
+# ---- orchestration ------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _spawned(rank: int, spec: RunSpec, port: int, run_dir: str, result: str) -> None:
+    """Entry of a spawned rank: torchrun's variables, then `run_rank`; rank 0 writes JSON."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(spec.world_size), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(spec.world_size))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is the parent's JSON lines only
+        lines = run_rank(spec, run_dir)
+    if lines is not None:
+        Path(result).write_text(json.dumps(lines))
+
+
+def run_measurement(spec: RunSpec, inprocess: bool) -> list[dict[str, Any]]:
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="genci-bench-") as tmp:
+        run_dir = str(Path(tmp) / "run")
+        if inprocess and spec.world_size == 1:
+            with contextlib.redirect_stdout(sys.stderr):
+                return run_rank(spec, run_dir) or []
+        result = Path(tmp) / "result.json"
+        mp.start_processes(_spawned, args=(spec, _free_port(), run_dir, str(result)),
+                           nprocs=spec.world_size, join=True, start_method="spawn")
+        return json.loads(result.read_text())
+
+
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """`NAME:--a.b 1 --c.d=x` → (NAME, ["--a.b", "1", "--c.d=x"])."""
+    name, sep, overrides = text.partition(":")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"--variant {text!r}: expected NAME:OVERRIDES")
+    return name.strip(), shlex.split(overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="genci-bench", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Unknown --section.key VALUE args are config overrides "
+                                       "for every run.")
+    p.add_argument("--configs", default="configs/ml1m.toml,configs/ml100k.toml")
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--world-sizes", default="1,2")
+    p.add_argument("--steps", type=int, default=20, help="timed train steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed train steps first")
+    p.add_argument("--eval-batches", type=int, default=5)
+    p.add_argument("--eval-warmup", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=0, help="data.batch_size (global)")
+    p.add_argument("--eval-batch-size", type=int, default=0, help="data.eval_batch_size")
+    p.add_argument("--only", default=",".join(BENCHES),
+                   help=f"comma list of {', '.join(BENCHES)}")
+    p.add_argument("--variant", action="append", type=parse_variant, default=[],
+                   metavar="NAME:OVERRIDES")
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--flops-reps", type=int, default=3)
+    p.add_argument("--matmul-size", type=int, default=1024)
+    p.add_argument("--matmul-reps", type=int, default=10)
+    p.add_argument("--threads", type=int, default=0,
+                   help="intra-op threads per rank (0 = DistEnv's cores // ranks)")
+    p.add_argument("--inprocess", action="store_true",
+                   help="run world size 1 in this process (faster; RSS is this process's)")
+    p.add_argument("--verbose", action="store_true", help="show the Trainer's config and plan")
+    return p
+
+
+def _emit(line: dict[str, Any]) -> None:
+    print(json.dumps(line), flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    args, common = build_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
+    benches = _csv(args.only)
+    models = _csv(args.models)
+    bad = [b for b in benches if b not in BENCHES] + [m for m in models if m not in MODELS]
+    if bad:
+        print(f"genci-bench: unknown bench or model {bad}", file=sys.stderr)
+        return 2
+    sizes = [] if args.batch_size <= 0 else ["--data.batch_size", str(args.batch_size)]
+    if args.eval_batch_size > 0:
+        sizes += ["--data.eval_batch_size", str(args.eval_batch_size)]
+    variants = args.variant or [("default", [])]
+    failed = 0
+    for config in _csv(args.configs):
+        for model in models:
+            for world in (int(w) for w in _csv(args.world_sizes)):
+                group: list[dict[str, Any]] = []
+                for repeat in range(args.repeats):
+                    for name, overrides in variants:
+                        spec = RunSpec(
+                            config, model, world, name, [*common, *sizes, *overrides],
+                            [b for b in benches if b != "flops" or model == "genci"],
+                            args.steps, args.warmup, args.eval_batches, args.eval_warmup,
+                            args.flops_reps, args.matmul_size, args.matmul_reps,
+                            args.threads, args.verbose, repeat)
+                        if not spec.benches:
+                            continue
+                        try:
+                            lines = run_measurement(spec, args.inprocess)
+                        except Exception as e:  # report, then go on with the other runs
+                            traceback.print_exc()
+                            failed += 1
+                            _emit({"bench": "error", **asdict(spec), "error": repr(e)[:2000]})
+                            continue
+                        for line in lines:
+                            _emit(line)
+                        group += lines
+                if group and (args.repeats > 1 or len(variants) > 1):
+                    for line in summarize(group):
+                        _emit(line)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,226 @@
+"""genci_dist.analysis and `python -m genci_dist.report figures|volatility`: the Jaccard
+volatility on a hand-computed table (tie order, repeated items, empty genre sets), the median
+split, per-group metrics equal to scikit-learn on the subsets, bad prediction files, and the
+Fig. 4 t-SNE plus the volatility report on a tiny trained GenCI run."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from sklearn.metrics import log_loss, roc_auc_score
+
+from genci_dist.analysis import (
+    AnalysisError,
+    group_metrics,
+    interest_volatility,
+    item_genre_sets,
+    jaccard_volatility,
+    median_split,
+    read_predictions,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# item -> genre set; item 3 has none (dropped from sequences), item 5 lists genre 2 twice.
+GENRES = {1: [1, 2], 2: [2, 3], 3: [], 4: [1], 5: [1, 2, 3, 2]}
+# (user, item, timestamp, split), deliberately not in order.
+ROWS = [
+    (10, 4, 3, "test"), (10, 2, 1, "train"), (10, 3, 2, "valid"), (10, 1, 1, "train"),
+    (20, 3, 7, "test"), (20, 5, 5, "train"), (20, 5, 6, "train"),
+    (30, 1, 4, "test"), (30, 3, 1, "train"),
+    (40, 5, 3, "test"), (40, 4, 1, "train"), (40, 1, 2, "valid"),
+    (50, 2, 1, "train"), (50, 4, 2, "train"),  # no test sample: not in the split
+]
+# user 10: by (ts, item) 1{1,2} 2{2,3} [3 dropped] 4{1}: (1 - 1/3 + 1 - 0/3) / 2 = 5/6
+#          (the tie at ts 1 in the other order would give (2/3 + 1/2) / 2 = 7/12)
+# user 20: 5, 5 [3 dropped]: distance 0 (sets, so the duplicate genre does not matter)
+# user 30: one annotated item -> undefined
+# user 40: 4{1} 1{1,2} 5{1,2,3}: (1/2 + 1/3) / 2 = 5/12
+# user 50: 2{2,3} 4{1}: 1
+EXPECTED = {10: 5 / 6, 20: 0.0, 30: math.nan, 40: 5 / 12, 50: 1.0}
+PAIRS = {10: 2, 20: 1, 30: 0, 40: 2, 50: 1}
+
+
+def _write_hand_dataset(root: Path) -> Path:
+    ids = sorted(GENRES)
+    pq.write_table(pa.table({"item_id": pa.array(ids, pa.int32()),
+                             "genres": pa.array([GENRES[i] for i in ids],
+                                                pa.list_(pa.int32()))}),
+                   root / "items.parquet")
+    for split in ("train", "valid", "test"):
+        rows = [r for r in ROWS if r[3] == split]
+        (root / split).mkdir()
+        pq.write_table(pa.table({
+            "user_id": pa.array([r[0] for r in rows], pa.int32()),
+            "item_id": pa.array([r[1] for r in rows], pa.int32()),
+            "label": pa.array([1] * len(rows), pa.int8()),
+            "timestamp": pa.array([r[2] for r in rows], pa.int64())}),
+            root / split / "part-00000.parquet")
+    return root
+
+
+def _write_predictions(path: Path, users: np.ndarray, labels: np.ndarray,
+                       prob: np.ndarray) -> Path:
+    pq.write_table(pa.table({"row_id": np.arange(users.size), "user_id": users,
+                             "item_id": np.ones(users.size, np.int64),
+                             "label": labels.astype(np.float32),
+                             "prob": prob.astype(np.float32)}), path)
+    return path
+
+
+def test_jaccard_volatility_hand_computed(tmp_path: Path) -> None:
+    sets, feature = item_genre_sets(_write_hand_dataset(tmp_path))
+    assert feature == "genres" and sets.shape == (6, 4)
+    users = np.array([r[0] for r in ROWS])
+    items = np.array([r[1] for r in ROWS])
+    ts = np.array([r[2] for r in ROWS])
+    uid, vol, pairs = jaccard_volatility(users, items, ts, sets)
+    assert uid.tolist() == sorted(EXPECTED)
+    np.testing.assert_allclose(vol, [EXPECTED[u] for u in uid], rtol=1e-12)
+    assert pairs.tolist() == [PAIRS[u] for u in uid]
+    with pytest.raises(AnalysisError, match="item id 9 outside"):
+        jaccard_volatility(users, np.r_[items[:-1], 9], ts, sets)
+
+
+def test_median_split() -> None:
+    vol = np.array([0.1, 0.5, 0.5, 0.9, np.nan])
+    med, fast, slow = median_split(vol)
+    assert med == 0.5  # ties at the median are slow ("at or below")
+    assert fast.tolist() == [False, False, False, True, False]
+    assert slow.tolist() == [True, True, True, False, False]
+    med, fast, slow = median_split(vol, among=np.array([True, True, False, False, True]))
+    assert med == pytest.approx(0.3) and fast.tolist() == [False, True, False, False, False]
+    with pytest.raises(AnalysisError, match="no user"):
+        median_split(np.array([np.nan]))
+
+
+def test_dataset_split_uses_test_users_only(tmp_path: Path) -> None:
+    g = interest_volatility(_write_hand_dataset(tmp_path))
+    # test users 10, 20, 30, 40 -> defined 5/6, 0, 5/12 -> median 5/12; 50 has no test sample
+    assert g.n_test_users == 4 and g.median == pytest.approx(5 / 12)
+    groups = g.group_of(np.array([10, 20, 30, 40, 50, 99]))
+    assert groups.tolist() == ["fast", "slow", "", "slow", "", ""]
+    assert g.summary()["users"] == {"test": 4, "fast": 1, "slow": 2, "test_undefined": 1}
+
+
+def test_group_metrics_equal_sklearn_on_subsets(tmp_path: Path) -> None:
+    g = interest_volatility(_write_hand_dataset(tmp_path))
+    rng = np.random.default_rng(0)
+    users = rng.choice([10, 20, 30, 40], size=400)
+    labels = rng.integers(0, 2, size=400)
+    prob = rng.uniform(0.01, 0.99, size=400).astype(np.float32)
+    preds = read_predictions(_write_predictions(tmp_path / "p.parquet", users, labels, prob))
+    res = group_metrics(preds, g)
+    for name, members in (("fast", [10]), ("slow", [20, 40]), ("all", [10, 20, 30, 40])):
+        m = np.isin(users, members)
+        assert res[name]["samples"] == m.sum() and res[name]["users"] == len(members)
+        assert res[name]["auc"] == roc_auc_score(labels[m], prob[m].astype(np.float64))
+        assert res[name]["logloss"] == pytest.approx(
+            log_loss(labels[m], prob[m].astype(np.float64)), rel=1e-6)
+
+
+def test_bad_prediction_files_name_the_file(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from genci_dist.report import main
+
+    missing = tmp_path / "nope.parquet"
+    with pytest.raises(AnalysisError, match=f"{re.escape(str(missing))}: predictions file not found"):
+        read_predictions(missing)
+    no_user = tmp_path / "no_user.parquet"
+    pq.write_table(pa.table({"label": [1.0, 0.0], "prob": [0.5, 0.4]}), no_user)
+    with pytest.raises(AnalysisError, match=rf"{re.escape(str(no_user))}: .*lacks column\(s\) \['user_id'\]"):
+        read_predictions(no_user)
+    bad_label = _write_predictions(tmp_path / "bad.parquet", np.array([1, 2]), np.array([1, 2]),
+                                   np.array([0.5, 0.5]))
+    with pytest.raises(AnalysisError, match="row 1: label 2.0 not in"):
+        read_predictions(bad_label)
+    (tmp_path / "d").mkdir()
+    data = _write_hand_dataset(tmp_path / "d")
+    rc = main(["volatility", "--data", str(data), "--predictions", f"m={no_user}",
+               "--out", str(tmp_path / "out")])
+    assert rc == 2 and str(no_user) in capsys.readouterr().err
+    assert not (tmp_path / "out" / "volatility.json").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory
+             ) -> tuple[Path, Path, dict]:
+    """A GenCI run of a few steps on the shared tiny dataset (it has genres and semantic IDs)
+    and its test predictions written by genci_dist.evaluate."""
+    from genci_dist.evaluate import main as evaluate
+    from genci_dist.train import main as train
+
+    tmp = tmp_path_factory.mktemp("analysis")
+    run = tmp / "run"
+    assert train(["--config", str(ROOT / "configs/debug.toml"), "--data.dir", str(tiny_dataset),
+                  "--data.source", "none", "--train.run_dir", str(run),
+                  "--train.max_steps", "4", "--train.epochs", "1",
+                  "--train.tensorboard", "false"]) == 0
+    preds = tmp / "preds.parquet"
+    assert evaluate(["--checkpoint", str(run / "checkpoints" / "best"), "--split", "test",
+                     "--predictions", str(preds), "--out", str(tmp / "eval.json")]) == 0
+    return run, preds, json.loads((tmp / "eval.json").read_text())
+
+
+def test_report_figures_on_a_trained_run(tiny_run: tuple[Path, Path, dict],
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from genci_dist.report import main
+
+    run, preds, ev = tiny_run
+    assert main(["figures", "--run", str(run), "--predictions", f"genci={preds}",
+                 "--tsne-samples", "50"]) == 0
+    out = capsys.readouterr().out
+    for name in ("training_curves.png", "fig4_tsne.png", "fig4_tsne.json", "volatility.png",
+                 "volatility.json", "volatility.md"):
+        assert f"wrote {run / name}" in out
+        assert (run / name).stat().st_size > 0
+    for name in ("training_curves.png", "fig4_tsne.png", "volatility.png"):
+        assert (run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    fig4 = json.loads((run / "fig4_tsne.json").read_text())
+    assert fig4["samples"] == 50 and fig4["kinds"] == ["lt", "st", "item"]
+    assert fig4["labels"] == "all" and fig4["split"] == "test"
+    for key in ("cosine_item_st_mean", "cosine_item_lt_mean", "distance_2d_item_st_mean",
+                "distance_2d_item_lt_mean", "kl_divergence", "perplexity"):
+        assert math.isfinite(fig4[key]), key
+    assert -1.0 <= fig4["cosine_item_st_mean"] <= 1.0
+    assert set(fig4["spread_2d"]) == {"lt", "st", "item"}
+    assert all(math.isfinite(v) and v > 0 for v in fig4["spread_2d"].values())
+
+    vol = json.loads((run / "volatility.json").read_text())
+    groups = vol["models"]["genci"]["groups"]
+    assert groups["fast"]["samples"] + groups["slow"]["samples"] <= groups["all"]["samples"]
+    assert groups["all"]["samples"] == ev["samples"]
+    # the "all" row re-scores evaluate's own predictions: its metrics, from stored float32 probs
+    assert groups["all"]["auc"] == pytest.approx(ev["auc"], abs=1e-6)
+    assert groups["all"]["logloss"] == pytest.approx(ev["logloss"], abs=1e-6)
+    md = (run / "volatility.md").read_text()
+    assert "| genci | fast |" in md and "| genci | slow |" in md
+
+
+def test_intents_of_positive_targets_only(tiny_run: tuple[Path, Path, dict]) -> None:
+    """labels="positive" embeds the first clicked targets only, every kind for each."""
+    from genci_dist.analysis import collect_intents
+
+    vec = collect_intents(tiny_run[0], n_samples=7, labels="positive")
+    assert set(vec) == {"lt", "st", "item", "label"}
+    assert vec["label"].tolist() == [1.0] * 7
+    assert all(vec[k].shape == (7, 16) and np.isfinite(vec[k]).all() for k in ("lt", "st",
+                                                                              "item"))
+
+
+def test_report_compare_still_works(tiny_run: tuple[Path, Path, dict],
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from genci_dist.report import main
+
+    run = tiny_run[0]
+    assert main(["compare", str(run / "metrics.json"), "--base", "genci"]) == 0
+    out = capsys.readouterr().out
+    assert "| model (test) | AUC |" in out and "| genci | " in out and "+0.00%" in out

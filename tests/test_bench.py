@@ -1,0 +1,103 @@
+"""`genci-bench` on the tiny prepared dataset with a couple of steps: its JSON lines parse,
+throughputs are positive, the per-step phase split of GenCI has every phase hooked and
+measured and sums to at most the step time, variant names round-trip, and one world-size-2
+run spawns real gloo ranks. Timings are only checked for consistency, never against a bar."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from genci_dist.bench import (
+    EVAL_PHASES,
+    FORWARD_PHASES,
+    TRAIN_PHASES,
+    main,
+    parse_variant,
+    summarize,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TOL_S = 2e-3  # perf_counter bookkeeping between the phases and the step's own clock
+
+
+def _run(capsys: pytest.CaptureFixture[str], data: Path, *args: str) -> list[dict[str, Any]]:
+    rc = main(["--configs", str(ROOT / "configs/debug.toml"), "--models", "genci",
+               "--steps", "2", "--warmup", "1", "--eval-batches", "1", "--threads", "1",
+               "--flops-reps", "1", "--matmul-size", "128", "--matmul-reps", "2", *args,
+               "--data.dir", str(data), "--data.source", "none", "--data.max_history", "5",
+               "--data.num_workers", "0"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def _check_split(line: dict[str, Any], phases: tuple[str, ...]) -> None:
+    split = line["split_s"]
+    assert set(split) == set(phases)
+    assert all(v > 0 for v in split.values()), split  # GenCI runs every hooked part
+    assert sum(split.values()) <= line["step_s"] * 1.01 + TOL_S
+    assert all(line["hooked"][p] for p in FORWARD_PHASES)
+
+
+def test_world_size_1_lines_and_variants(capsys: pytest.CaptureFixture[str],
+                                         tiny_dataset: Path) -> None:
+    lines = _run(capsys, tiny_dataset, "--world-sizes", "1", "--inprocess",
+                 "--variant", "slow:--train.lr 0.001", "--variant", "fast:--train.lr=0.002")
+    runs = [x for x in lines if x["repeat"] == 0]
+    summaries = [x for x in lines if x["repeat"] == "median"]
+    assert [(x["bench"], x["variant"]) for x in runs] == [
+        (b, v) for v in ("slow", "fast") for b in ("train", "eval", "flops", "matmul")]
+    assert {(x["bench"], x["variant"]) for x in summaries} == {(x["bench"], x["variant"])
+                                                               for x in runs}
+    for x in lines:
+        assert x["world_size"] == 1 and x["model"] == "genci" and x["threads"] == 1
+        assert x["peak_rss_mb"] > 0 and x["torch"]
+    for x in runs:
+        own = ["--train.lr", "0.001"] if x["variant"] == "slow" else ["--train.lr=0.002"]
+        assert x["overrides"][-len(own):] == own
+        if x["bench"] == "train":
+            assert x["batch_size"] == 64 and x["steps"] == 2 and x["samples"] == 128
+            assert x["samples_per_s"] > 0
+            _check_split(x, TRAIN_PHASES)
+        elif x["bench"] == "eval":
+            assert x["samples_per_s"] > 0
+            _check_split(x, EVAL_PHASES)
+        elif x["bench"] == "flops":
+            assert x["gflop_per_sample"] > x["generation_gflop_per_sample"] > 0
+            assert x["achieved_gflops"] > 0 and x["matmul_gflops"] > 0
+            assert x["ratio"] == pytest.approx(x["achieved_gflops"] / x["matmul_gflops"])
+        else:
+            assert x["bench"] == "matmul" and x["matmul_gflops"] > 0
+    first = next(x for x in summaries if x["bench"] == "train" and x["variant"] == "slow")
+    assert first["speedup"] == 1.0 and first["repeats"] == 1
+
+
+def test_world_size_2_spawns_gloo_ranks(capsys: pytest.CaptureFixture[str],
+                                        tiny_dataset: Path) -> None:
+    lines = _run(capsys, tiny_dataset, "--world-sizes", "2", "--only", "train",
+                 "--variant", "two:--train.lr 0.001")
+    assert len(lines) == 1
+    (x,) = lines
+    assert (x["bench"], x["variant"], x["world_size"], x["threads"]) == ("train", "two", 2, 1)
+    assert x["samples"] == 2 * 64 and x["samples_per_s"] > 0 and x["peak_rss_mb"] > 0
+    _check_split(x, TRAIN_PHASES)
+
+
+def test_variant_parsing_and_summary() -> None:
+    assert parse_variant('base:--model.name din --train.lr "0.1"') == (
+        "base", ["--model.name", "din", "--train.lr", "0.1"])
+    assert parse_variant("empty:") == ("empty", [])
+    with pytest.raises(Exception, match="NAME:OVERRIDES"):
+        parse_variant("--train.lr 0.1")
+    rows = [{"bench": "train", "variant": v, "repeat": r, "samples_per_s": s, "step_s": 1 / s,
+             "split_s": {"data": 1 / s}}
+            for r, pairs in enumerate([[("a", 10.0), ("b", 30.0)], [("a", 20.0), ("b", 50.0)],
+                                       [("a", 30.0), ("b", 40.0)]]) for v, s in pairs]
+    a, b = summarize(rows)
+    assert (a["variant"], a["samples_per_s"], a["best_samples_per_s"]) == ("a", 20.0, 30.0)
+    assert (b["samples_per_s"], b["best_step_s"], b["speedup"]) == (40.0, 1 / 50.0, 2.0)
+    assert b["split_s"] == {"data": 1 / 40.0} and b["repeat"] == "median"
