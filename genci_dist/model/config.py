@@ -28,6 +28,8 @@ class ModelConfig:
     attention_block: int = 8
     """genci_t5: samples per attention block (0 = one block, scores materialised for all)."""
     dedup_histories: bool = False
+    reuse_cross_kv: bool = True
+    """Generation reuses the teacher-forced decoder's cross-attention keys/values."""
     """Encode each distinct history of a batch once and share its encoder output."""
     beam_width: int = 1
     """Constrained beam search width (1 = greedy, the official setting)."""

@@ -74,6 +74,21 @@ class Generator(nn.Module):
         return self.t5(encoder_outputs=BaseModelOutput(last_hidden_state=enc),
                        attention_mask=mask, decoder_input_ids=dec_in, use_cache=False).logits
 
+    def ntp_logits_and_cross_kv(self, enc: Tensor, mask: Tensor, target_tokens: Tensor,
+                                keep: bool) -> tuple[Tensor, list[tuple[Tensor, Tensor]] | None]:
+        """ntp_logits, and with `keep` the decoder's cross-attention (keys, values) per layer
+        ([B, H, S, d_kv] each, still in the graph) for `beam_search(cross_kv=...)`."""
+        if not keep:
+            return self.ntp_logits(enc, mask, target_tokens), None
+        start = target_tokens.new_zeros(target_tokens.shape[0], 1)
+        dec_in = torch.cat([start, target_tokens[:, :-1]], dim=1)
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        out = self.t5(encoder_outputs=BaseModelOutput(last_hidden_state=enc),
+                      attention_mask=mask, decoder_input_ids=dec_in, past_key_values=cache,
+                      use_cache=True)
+        cross = out.past_key_values.cross_attention_cache
+        return out.logits, [(layer.keys, layer.values) for layer in cross.layers]
+
     @staticmethod
     def ntp_loss(logits: Tensor, target_tokens: Tensor, weights: Tensor) -> Tensor:
         """Token cross-entropy averaged over the samples with weight 1 (positives by default).
@@ -84,8 +99,11 @@ class Generator(nn.Module):
 
     @torch.no_grad()
     def beam_search(self, enc: Tensor, mask: Tensor, trie: SemanticIdTrie, beam: int,
-                    steps: int | None = None) -> tuple[Tensor, Tensor]:
-        """Constrained beam search reusing H_enc and a decoder KV cache.
+                    steps: int | None = None,
+                    cross_kv: list[tuple[Tensor, Tensor]] | None = None) -> tuple[Tensor, Tensor]:
+        """Constrained beam search reusing H_enc and a decoder KV cache; `cross_kv` (from
+        `ntp_logits_and_cross_kv` on the same H_enc) saves recomputing the cross-attention
+        keys/values of every decoder layer.
 
         Returns (codes [B, beam, steps], scores [B, beam]) sorted best first; score = sum of
         per-step log-softmax over the codes the trie allows. Only paths of existing items are
@@ -95,7 +113,13 @@ class Generator(nn.Module):
         enc_b = enc.repeat_interleave(beam, 0)
         mask_b = mask.repeat_interleave(beam, 0)
         enc_out = BaseModelOutput(last_hidden_state=enc_b)
-        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        cross = DynamicCache()
+        for i, (k_i, v_i) in enumerate(cross_kv or []):
+            cross.update(k_i.detach().repeat_interleave(beam, 0),
+                         v_i.detach().repeat_interleave(beam, 0), i)
+        cache = EncoderDecoderCache(DynamicCache(), cross)
+        for i in range(len(cross_kv or [])):
+            cache.is_updated[i] = True
         nodes = torch.zeros(b * beam, dtype=torch.long, device=enc.device)
         scores = torch.full((b, beam), float("-inf"), device=enc.device)
         scores[:, 0] = 0.0  # all beams start identical: keep one alive

@@ -100,7 +100,8 @@ class BlockedBiasAttention(torch.autograd.Function):
         dout = dout.contiguous()
         delta = (dout * out).sum(-1, keepdim=True)            # [B, H, Sq, 1]
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        dbias = torch.zeros(bias.shape[1:], dtype=torch.float32, device=q.device)
+        acc = torch.promote_types(bias.dtype, torch.float32)   # summed over B samples
+        dbias = torch.zeros(bias.shape[1:], dtype=acc, device=q.device)
         for i in range(0, q.shape[0], block):
             sl = slice(i, i + block)
             m = None if mask is None else mask[sl]

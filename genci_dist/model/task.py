@@ -92,45 +92,54 @@ class GenCITask(nn.Module):
         pos = torch.searchsorted(self.prefix_keys, keys).clamp(max=len(self.prefix_keys) - 1)
         return torch.where(self.prefix_keys[pos] == keys, pos, torch.full_like(pos, -1))
 
-    def generate(self, enc: Tensor, mask: Tensor) -> Tensor:
+    def generate(self, enc: Tensor, mask: Tensor,
+                 cross_kv: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
         """Top beam's N codes [B, N] (the collision digit does not pick cohorts)."""
         codes, _ = self.generator.beam_search(enc.detach(), mask, self.trie,
-                                              self.cfg.beam_width, steps=self.levels)
+                                              self.cfg.beam_width, steps=self.levels,
+                                              cross_kv=cross_kv)
         return codes[:, 0]
 
-    def _intents(self, batch: Batch) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """(H_enc, mask, {"lt": H_LTI, "st": H_STI, "item": e_v}) for the enabled branches."""
-        enc, mask = self.generator.encode(batch.history_tokens)
+    def _intents(self, batch: Batch, enc: Tensor, mask: Tensor,
+                 cross_kv: list[tuple[Tensor, Tensor]] | None = None) -> dict[str, Tensor]:
+        """{"lt": H_LTI, "st": H_STI, "item": e_v} for the enabled branches."""
         out: dict[str, Tensor] = {}
         if self.cfg.use_lt_intent:
             out["lt"] = self.generator.last_valid(enc, mask)
         if self.cfg.use_st_intent:
-            cohorts = self.cohort_ids(self.generate(enc, mask))
+            cohorts = self.cohort_ids(self.generate(enc, mask, cross_kv))
             e_v, e_c = self.intent_emb(batch.item_ids, cohorts, self.cohort_indptr,
                                        self.cohort_members)
             out["st"] = self.cohort_attn(e_c, enc, mask, e_v)
             out["item"] = e_v
-        return enc, mask, out
+        return out
 
     @torch.no_grad()
     def intents(self, batch: Batch) -> dict[str, Tensor]:
         """Long-term intent H_LTI, short-term intent H_STI and the target item's intent-space
         embedding e_v (all [B, d_model]) for analysis (paper Fig. 4)."""
-        return {k: v.detach() for k, v in self._intents(batch)[2].items()}
+        enc, mask = self.generator.encode(batch.history_tokens)
+        return {k: v.detach() for k, v in self._intents(batch, enc, mask).items()}
 
     def forward(self, batch: Batch) -> TaskOutput:
         cfg = self.cfg
         y = batch.labels
         fields, e_u, e_v_feat = self.sparse(batch.sparse_features)
-        enc, mask, intents = self._intents(batch)
+        enc, mask = self.generator.encode(batch.history_tokens)
+        ntp_logits, cross_kv = None, None
+        if cfg.use_ntp:
+            # The teacher-forced decoder pass runs first so that generation can reuse its
+            # cross-attention keys/values (a function of H_enc only) instead of recomputing them.
+            ntp_logits, cross_kv = self.generator.ntp_logits_and_cross_kv(
+                enc, mask, batch.target_tokens, keep=cfg.reuse_cross_kv and cfg.use_st_intent)
+        intents = self._intents(batch, enc, mask, cross_kv)
         reps = [intents[k] for k in ("lt", "st") if k in intents]
         parts: dict[str, Tensor] = {}
         logit = self.mlp(torch.cat([*reps, e_u, e_v_feat], dim=1)).squeeze(-1)
         loss = parts["ctr"] = _bce(logit, y)
-        if cfg.use_ntp:
+        if ntp_logits is not None:
             w = y if cfg.ntp_on == "positive" else torch.ones_like(y)
-            logits = self.generator.ntp_logits(enc, mask, batch.target_tokens)
-            parts["ntp"] = self.generator.ntp_loss(logits, batch.target_tokens, w)
+            parts["ntp"] = self.generator.ntp_loss(ntp_logits, batch.target_tokens, w)
             loss = loss + cfg.mu * parts["ntp"]
         if self.teacher is not None:
             t_logit = self.teacher(fields)
