@@ -71,6 +71,9 @@ class TrainConfig:
     """Early stopping: epochs without a better valid AUC before stopping."""
     seed: int = 2024
     deterministic: bool = False
+    autocast_bf16: bool = False
+    """Forward passes under torch.autocast(bfloat16) (matmuls in bf16, fp32 master weights).
+    Off by default: an option, kept only where valid AUC is unchanged within noise."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = 50
     eval_every_epoch: bool = True

@@ -57,20 +57,26 @@ def write_training_curves(history: list[dict[str, Any]], run_dir: Path) -> Path 
 
 
 def compare_table(runs: Sequence[Path], split: str = "test", base: str | None = None) -> str:
-    """A Markdown table of AUC / LogLoss / GAUC / RelaImpr for several metrics.json files."""
+    """A Markdown table of AUC / LogLoss / GAUC / RelaImpr (+ best epoch and train wall time
+    when the file is a run's metrics.json) for several runs, each named after its run folder
+    (so several GenCI ablations stay apart)."""
     rows = []
     for path in runs:
         m = json.loads(Path(path).read_text())
-        name = m.get("model", Path(path).parent.name)
-        rows.append((name, m[split] if split in m else m))  # run metrics or evaluate output
+        parent = Path(path).resolve().parent.name
+        name = parent if parent else m.get("model", str(path))
+        rows.append((name, m[split] if split in m else m, m))  # run metrics or evaluate output
     base_auc = None
     if base is not None:
         base_auc = next((r[1]["auc"] for r in rows if r[0] == base), None)
-    lines = [f"| model ({split}) | AUC | LogLoss | GAUC | RelaImpr |", "|---|---|---|---|---|"]
-    for name, s in rows:
+    lines = [f"| run ({split}) | AUC | LogLoss | GAUC | RelaImpr | best epoch | train min |",
+             "|---|---|---|---|---|---|---|"]
+    for name, s, m in rows:
         ri = f"{rela_impr(s['auc'], base_auc):+.2f}%" if base_auc is not None else "–"
+        epoch = m.get("best_epoch", "–")
+        wall = f"{m['train_wall_s'] / 60:.1f}" if "train_wall_s" in m else "–"
         lines.append(f"| {name} | {s['auc']:.4f} | {s['logloss']:.4f} | "
-                     f"{s.get('gauc', float('nan')):.4f} | {ri} |")
+                     f"{s.get('gauc', float('nan')):.4f} | {ri} | {epoch} | {wall} |")
     return "\n".join(lines)
 
 

@@ -97,6 +97,10 @@ class Trainer:
             with_tokens=self.cfg.model.name == "genci", max_history=d.max_history,
             bucket_window=d.bucket_window if shuffle else 0)
 
+    def _autocast(self) -> Any:
+        return torch.autocast(self.env.device.type, dtype=torch.bfloat16,
+                              enabled=self.cfg.train.autocast_bf16)
+
     def _train_state(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "best_auc": self.best_auc,
                 "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
@@ -140,7 +144,7 @@ class Trainer:
             if batch is None:
                 break
             batch = batch.to(self.env.device)
-            with timer.phase("forward"):
+            with timer.phase("forward"), self._autocast():
                 loss, parts, _logits, _labels = self.dmp(batch)
             with timer.phase("backward"):
                 self.optimizer.zero_grad()
@@ -186,7 +190,8 @@ class Trainer:
     def evaluate(self, split: str) -> dict[str, float]:
         loader = self._loader(split, shuffle=False, batch=self.cfg.data.eval_batch_size
                               // self.env.world_size)
-        return evaluate_loader(self.dmp, loader, self.env)
+        with self._autocast():
+            return evaluate_loader(self.dmp, loader, self.env)
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg

@@ -221,6 +221,6 @@ def test_report_compare_still_works(tiny_run: tuple[Path, Path, dict],
     from genci_dist.report import main
 
     run = tiny_run[0]
-    assert main(["compare", str(run / "metrics.json"), "--base", "genci"]) == 0
+    assert main(["compare", str(run / "metrics.json"), "--base", run.name]) == 0
     out = capsys.readouterr().out
-    assert "| model (test) | AUC |" in out and "| genci | " in out and "+0.00%" in out
+    assert "| run (test) | AUC |" in out and f"| {run.name} | " in out and "+0.00%" in out
