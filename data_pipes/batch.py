@@ -10,13 +10,17 @@ Layout for a batch of B samples whose longest history has L items, T tokens per 
   lengths = history lengths (may be 0). For EmbeddingCollections (per-position embeddings).
 - ``history``          (B, L) int64 item ids, oldest first, left-aligned, 0-padded on the right.
 - ``history_lengths``  (B,) int64.
-- ``history_tokens``   (B, L*T) int64 semantic-ID tokens of the history (TokenVocab ids),
-  0-padded; empty (B, 0) when the dataset has no semantic IDs yet.
-- ``target_tokens``    (B, T) int64 tokens of the target item (B, 0 without semantic IDs).
+- ``history_tokens``   (B, L*T) int32 semantic-ID tokens of the history (TokenVocab ids),
+  0-padded; empty (B, 0) when the dataset has no semantic IDs yet. int32, not int64: half
+  the bytes per batch, and embeddings take int32 indices (losses cast targets to long).
+- ``target_tokens``    (B, T) int32 tokens of the target item (B, 0 without semantic IDs).
 - ``labels``           (B,) float32 in {0, 1}.
 - ``user_ids``, ``item_ids`` (B,) int64 dense ids (GAUC groups, predictions file).
 - ``row_ids``          (B,) int64 the sample's global row index within its split (exactly-once
   checks, per-sample predictions).
+
+KJT values and lengths are int64. The reader builds all of a batch's tensors as views of one
+storage (data_pipes.collate), so a DataLoader worker ships a batch in one shared-memory piece.
 """
 
 from __future__ import annotations

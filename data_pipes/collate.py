@@ -1,13 +1,26 @@
-"""Rows → `Batch`: every id/padding/code-lookup step, vectorised on Arrow list offsets.
+"""Rows → `Batch`: every id/padding/code-lookup step, in numpy, before the model.
 
-`build_batch` turns a pyarrow Table of sample rows into a Batch (layout in data_pipes/batch.py).
-Semantic-ID tokens come from a per-item token table (`load_item_tokens`), so the model never
-maps ids to codes itself.
+Two steps, so the per-batch work is only gathers:
+
+- `decode_rows` turns a pyarrow Table of sample rows (a whole row group in the reader) into
+  validated numpy columns once: ids checked against the manifest, labels against {0, 1},
+  histories truncated to `max_history` and laid out as a dense left-aligned 0-padded matrix,
+  multi-valued features as offsets/values with padding ids dropped. A row group feeds many
+  batches, so validating and decoding it once (not once per batch, after an Arrow `take`)
+  is most of the reader's speed.
+- `gather_batch` builds a Batch (layout in data_pipes/batch.py) from rows picked out of one or
+  more decoded tables by numpy fancy indexing, and looks the semantic-ID tokens up in a
+  per-item token table (`load_item_tokens`), so the model never maps ids to codes itself.
+
+`build_batch` = both steps on one table (tests, parity checks).
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +42,16 @@ from data_pipes.schema import (
     TokenVocab,
 )
 
+# Semantic-ID tokens are int32: TokenVocab ids are small, torch embeddings take int32 (or
+# int64) indices, and half the bytes of int64 is what a worker ships per batch. (int16 would
+# fit small vocabularies too, but nn.Embedding rejects int16 indices.)
+TOKEN_DTYPE = np.int32
+_I64, _F32, _TOK = np.dtype(np.int64), np.dtype(np.float32), np.dtype(TOKEN_DTYPE)
+_TORCH_DTYPES = {_I64: torch.int64, _TOK: torch.int32, _F32: torch.float32}
+
 
 def load_item_tokens(dataset_dir: str | Path) -> tuple[np.ndarray, TokenVocab]:
-    """(tokens[n_items+1, T] int64 with TokenVocab offsets applied, vocab); row 0 = padding."""
+    """(tokens[n_items+1, T] int32 with TokenVocab offsets applied, vocab); row 0 = padding."""
     path = Path(dataset_dir) / SEMANTIC_IDS
     if not path.is_file():
         raise DatasetError(f"{path}: no semantic IDs; run genci-tokenize first")
@@ -44,22 +64,23 @@ def load_item_tokens(dataset_dir: str | Path) -> tuple[np.ndarray, TokenVocab]:
     except KeyError as e:
         raise DatasetError(f"{path}: schema metadata lacks {e.args[0]!r}") from None
     vocab = TokenVocab(levels, k, n_coll)
+    if vocab.size > np.iinfo(TOKEN_DTYPE).max:
+        raise DatasetError(f"{path}: token vocabulary of {vocab.size} does not fit int32")
     item = table.column(ITEM).to_numpy()
     codes = [table.column(f"code_{n}").to_numpy() for n in range(levels)]
     codes.append(table.column("collision").to_numpy())
-    tokens = np.zeros((int(item.max(initial=0)) + 1, levels + 1), dtype=np.int64)
+    tokens = np.zeros((int(item.max(initial=0)) + 1, levels + 1), dtype=TOKEN_DTYPE)
     for pos, (col, off) in enumerate(zip(codes, vocab.offsets(), strict=True)):
         tokens[item, pos] = col.astype(np.int64) + off
     return tokens, vocab
 
 
 def _list_parts(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """(lengths int64 [B], values int64) of a list<int32> column."""
+    """(offsets int64 [n+1] starting at 0, values as stored) of a list<int32> column."""
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     offsets = arr.offsets.to_numpy().astype(np.int64)
-    values = arr.values.to_numpy(zero_copy_only=False).astype(np.int64)
-    values = values[offsets[0]:offsets[-1]]
-    return np.diff(offsets), values
+    values = arr.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]]
+    return offsets - offsets[0], values
 
 
 def _np(col: pa.ChunkedArray) -> np.ndarray:
@@ -70,14 +91,14 @@ Where = str | Callable[[int], str]
 
 
 def _at(where: Where, row: int) -> str:
-    """Names the source of batch row `row` (a string, or a locator from the reader)."""
+    """Names the source of table row `row` (a string, or a locator from the reader)."""
     return where(row) if callable(where) else f"{where} (batch row {row})"
 
 
 def check_ids(name: str, values: np.ndarray, cardinality: int, where: Where,
               lengths: np.ndarray | None = None) -> None:
-    """`lengths` [B] = per-row list lengths of a list column's flat `values`; None for scalar
-    columns (values[k] is batch row k)."""
+    """`lengths` [n] = per-row list lengths of a list column's flat `values`; None for scalar
+    columns (values[k] is table row k)."""
     if values.size and (values.min() < 0 or values.max() >= cardinality):
         bad = int(np.flatnonzero((values < 0) | (values >= cardinality))[0])
         row = bad if lengths is None else int(np.searchsorted(np.cumsum(lengths), bad, "right"))
@@ -85,95 +106,254 @@ def check_ids(name: str, values: np.ndarray, cardinality: int, where: Where,
                            f"outside [0, {cardinality}) declared in the manifest")
 
 
-def build_batch(table: pa.Table, features: list[FeatureSpec], row_ids: np.ndarray,
-                item_tokens: np.ndarray | None, where: Where,
-                pad_history_to: int | None = None, max_history: int | None = None) -> Batch:
-    """Sample rows → Batch. `where` names the file/row group in errors. `max_history` keeps
-    only the most recent items of longer stored histories (shorter sequences at read time)."""
-    b = table.num_rows
+@dataclass
+class Rows:
+    """Decoded, validated sample rows (see `decode_rows`); batches gather rows out of it."""
+
+    where: Where               # names a row of this table in errors
+    # [n, 3 + scalar features] int64: user, item, label (0/1, validated), then every scalar
+    # feature in manifest order, so one row gather picks them all for a batch.
+    scalars: np.ndarray
+    # Per feature in manifest order: its row in `scalars` (ids; 0 = missing → empty bag), or
+    # a multi-valued feature's (offsets [n+1] int64, values) with padding ids dropped.
+    columns: list[int | tuple[np.ndarray, np.ndarray]]
+    no_missing: bool           # no scalar feature has a 0 id: every scalar bag holds one id
+    hist: np.ndarray           # [n, W] int64, left-aligned, 0-padded; W = longest kept history
+    hist_len: np.ndarray       # [n] int64 (after max_history)
+    token_rows: int | None     # item ids were checked to index a token table this long
+
+
+def decode_rows(table: pa.Table, features: list[FeatureSpec], where: Where,
+                max_history: int | None = None, token_rows: int | None = None) -> Rows:
+    """Validate and decode sample rows once. `where` names a row in errors; `max_history`
+    keeps only the most recent items of longer stored histories (shorter sequences at read
+    time); `token_rows` = rows of the semantic-ID table (item ids must index it)."""
+    n = table.num_rows
     present = set(table.column_names)
     missing = [c for c in (USER, ITEM, LABEL, HISTORY, *(f.name for f in features))
                if c not in present]
     if missing:
         raise DatasetError(f"{_at(where, 0)}: missing column(s) {missing}")
     labels = _np(table.column(LABEL)).astype(np.float32)
-    if not np.isin(labels, (0.0, 1.0)).all():
-        bad = int(np.flatnonzero(~np.isin(labels, (0.0, 1.0)))[0])
+    ok = (labels == 0.0) | (labels == 1.0)      # NaN fails both
+    if not ok.all():
+        bad = int(np.flatnonzero(~ok)[0])
         raise DatasetError(f"{_at(where, bad)}: label {float(labels[bad])} is not 0 or 1")
 
-    lengths_all, values_all = [], []
+    items = _np(table.column(ITEM))
+    scalars = [_np(table.column(USER)), items, labels]
+    columns: list[int | tuple[np.ndarray, np.ndarray]] = []
+    no_missing = True
     for f in features:
         if f.multi:
-            lens, vals = _list_parts(table.column(f.name))
+            offsets, vals = _list_parts(table.column(f.name))
+            lens = np.diff(offsets)
             check_ids(f.name, vals, f.cardinality, where, lens)
             keep = vals != 0
             if not keep.all():  # drop padding ids inside bags
-                seg = np.repeat(np.arange(b), lens)
                 vals = vals[keep]
-                lens = np.bincount(seg[keep], minlength=b)
+                lens = np.bincount(np.repeat(np.arange(n), lens)[keep], minlength=n)
+                offsets = np.r_[0, np.cumsum(lens)]
+            columns.append((offsets, vals))
         else:
-            vals = _np(table.column(f.name)).astype(np.int64)
+            vals = _np(table.column(f.name))
             check_ids(f.name, vals, f.cardinality, where)
-            lens = (vals != 0).astype(np.int64)  # id 0 = missing → empty bag
-            vals = vals[vals != 0]
-        lengths_all.append(lens)
-        values_all.append(vals)
+            no_missing &= bool(vals.size == 0 or vals.min() > 0)
+            columns.append(len(scalars))
+            scalars.append(vals)
 
-    h_len, h_vals = _list_parts(table.column(HISTORY))
+    offsets, h_vals = _list_parts(table.column(HISTORY))
+    h_len = np.diff(offsets)
     if max_history is not None and h_len.size and h_len.max() > max_history:
-        ends = np.cumsum(h_len)
         keep_len = np.minimum(h_len, max_history)
-        pos = np.arange(h_vals.size) - np.repeat(ends - h_len, h_len)   # index inside history
-        h_vals = h_vals[pos >= np.repeat(h_len - keep_len, h_len)]
+        pos = np.arange(h_vals.size) - np.repeat(offsets[:-1], h_len)   # index inside history
+        h_vals = h_vals[pos >= np.repeat(h_len - keep_len, h_len)]      # the most recent ones
         h_len = keep_len
     item_card = next((f.cardinality for f in features if f.name == ITEM), None)
     if item_card is not None:
         check_ids(HISTORY, h_vals, item_card, where, h_len)
-    width = int(pad_history_to) if pad_history_to else max(int(h_len.max(initial=0)), 1)
-    if h_len.size and h_len.max(initial=0) > width:
-        raise DatasetError(f"{_at(where, int(h_len.argmax()))}: history of "
-                           f"{int(h_len.max())} items is longer than pad_history_to={width}")
-    items = _np(table.column(ITEM)).astype(np.int64)
+    if token_rows is not None:
+        for name, vals, lens in ((ITEM, items, None), (HISTORY, h_vals, h_len)):
+            if vals.size and vals.max() >= token_rows:
+                bad = int(np.flatnonzero(vals >= token_rows)[0])
+                row = bad if lens is None else int(np.searchsorted(np.cumsum(lens), bad,
+                                                                   "right"))
+                raise DatasetError(f"{_at(where, row)}: field {name!r} has item id "
+                                   f"{int(vals[bad])} beyond the semantic-ID table "
+                                   f"({token_rows - 1} items)")
+    # Dense left-aligned histories, built once per table (a row-major boolean scatter; faster
+    # than a window gather + zeroing), in the batch dtype: a batch then copies whole rows.
+    hist = np.zeros((n, max(int(h_len.max(initial=0)), 1)), dtype=np.int64)
+    hist[np.take(_valid_mask(hist.shape[1]), h_len, axis=0)] = h_vals
+    stacked = np.empty((n, len(scalars)), dtype=np.int64)
+    for c, vals in enumerate(scalars):
+        stacked[:, c] = vals
+    return Rows(where, stacked, columns, no_missing, hist, h_len.astype(np.int64), token_rows)
+
+
+def gather_batch(parts: list[tuple[Rows, np.ndarray]], row_ids: np.ndarray,
+                 features: list[FeatureSpec], item_tokens: np.ndarray | None,
+                 pad_history_to: int | None = None) -> Batch:
+    """The Batch of rows `idx` of each decoded table, in order (parts = [(rows, idx)]).
+    `row_ids` [B] are the samples' global split row indices.
+
+    Sizes are known first, so everything is written into one storage. The large copies are
+    `np.take(..., out=view, mode="clip")`: with `out` and the default mode="raise", numpy
+    buffers the whole result and copies it again; "clip" never clips here because
+    decode_rows validated every id (and the token table size is checked below)."""
+    b = sum(idx.size for _, idx in parts)
+    if item_tokens is not None and any(r.token_rows is None or r.token_rows
+                                       > item_tokens.shape[0] for r, _ in parts):
+        raise ValueError("rows were not validated against this semantic-ID table")
+    h_len = (parts[0][0].hist_len[parts[0][1]] if len(parts) == 1
+             else np.concatenate([r.hist_len[idx] for r, idx in parts]))
+    longest = int(h_len.max(initial=0))
+    width = int(pad_history_to) if pad_history_to else max(longest, 1)
+    if longest > width:
+        r, idx = next((r, idx) for r, idx in parts if r.hist_len[idx].max() == longest)
+        row = int(idx[np.argmax(r.hist_len[idx])])
+        raise DatasetError(f"{_at(r.where, row)}: history of {longest} items is longer "
+                           f"than pad_history_to={width}")
+
+    # All scalar columns of the picked rows in one row gather: [B, n_scalars]. (Its default
+    # mode="raise" also checks every idx, so the clipping takes below cannot hide a bad one.)
+    scalars = (np.take(parts[0][0].scalars, parts[0][1], axis=0) if len(parts) == 1
+               else np.concatenate([np.take(r.scalars, idx, axis=0) for r, idx in parts]))
+
+    # Sparse features, key after key, as blocks (lengths or None = one id per row, values
+    # [keys, B] or flat, number of keys). Sizes first: the storage is allocated once. A scalar
+    # feature holds one id per row unless some id is 0 (missing → empty bag), and a run of
+    # such features is one block (a single copy); a multi-valued feature's ids are gathered
+    # through its offsets.
+    no_missing = all(r.no_missing for r, _ in parts)
+    blocks: list[tuple[np.ndarray | None, np.ndarray, int]] = []
+    n_sp: list[int] = []                  # ids per key
+    for fi, col in enumerate(parts[0][0].columns):
+        if isinstance(col, int) and no_missing:
+            if blocks and blocks[-1][0] is None:   # extend the run: columns are consecutive
+                k = blocks[-1][2]
+                blocks[-1] = (None, scalars[:, col - k:col + 1].T, k + 1)
+            else:
+                blocks.append((None, scalars[:, col:col + 1].T, 1))
+            n_sp.append(b)
+            continue
+        if isinstance(col, int):
+            vals = scalars[:, col]
+            lens = vals != 0
+            vals = vals[lens]
+        else:
+            lens_p, vals_p = [], []
+            for r, idx in parts:
+                offsets, values = r.columns[fi]
+                starts = offsets[idx]
+                lens = offsets[idx + 1] - starts
+                ends = np.cumsum(lens)
+                # flat value index of every id of the picked rows, in row order
+                flat = np.repeat(starts - (ends - lens), lens) + np.arange(ends[-1] if b else 0)
+                lens_p.append(lens)
+                vals_p.append(values[flat])
+            lens, vals = np.concatenate(lens_p), np.concatenate(vals_p)
+        blocks.append((lens, vals, 1))
+        n_sp.append(int(vals.size))
+    n_seq = int(h_len.sum())
+
     n_tok = 0 if item_tokens is None else item_tokens.shape[1]
-    if item_tokens is not None and (items.max(initial=0) >= item_tokens.shape[0] or (
-            h_vals.size and h_vals.max() >= item_tokens.shape[0])):
-        raise DatasetError(f"{_at(where, 0)}: item id beyond the semantic-ID table "
-                           f"({item_tokens.shape[0] - 1} items)")
-    sp_vals, sp_lens = np.concatenate(values_all), np.concatenate(lengths_all)
-    views, (sp_vals_t, sp_lens_t, seq_vals_t, hist_t, h_len_t, hist_tok_t, tgt_tok_t, user_t,
-            item_t, row_t) = _alloc_int64([
-                sp_vals.shape, sp_lens.shape, h_vals.shape, (b, width), h_len.shape,
-                (b, width * n_tok), (b, n_tok), (b,), (b,), (b,)])
-    for view, a in zip(views, (sp_vals, sp_lens, h_vals, None, h_len, None, None,
-                               _np(table.column(USER)), items, np.asarray(row_ids)), strict=True):
-        if a is not None:
-            view[...] = a
-    hist = views[3]
-    hist[...] = 0
-    hist[np.arange(width) < h_len[:, None]] = h_vals  # row-major mask = left-aligned rows
+    views, tensors = _alloc([
+        ((sum(n_sp),), _I64), ((b * len(features),), _I64), ((n_seq,), _I64), ((b, width), _I64),
+        ((b,), _I64), ((b, width * n_tok), _TOK), ((b, n_tok), _TOK), ((b,), _I64), ((b,), _I64),
+        ((b,), _I64), ((b,), _F32)])
+    (sp_vals_v, sp_lens_v, seq_v, hist, h_len_v, hist_tok, tgt_tok, user_v, item_v, row_v,
+     label_v) = views
+    v0 = k0 = 0
+    for lens, vals, k in blocks:
+        sp_lens_v[k0 * b:(k0 + k) * b] = 1 if lens is None else lens
+        sp_vals_v[v0:v0 + vals.size].reshape(vals.shape)[...] = vals
+        v0 += vals.size
+        k0 += k
+    h_len_v[...] = h_len
+    user_v[...] = scalars[:, 0]
+    item_v[...] = scalars[:, 1]
+    label_v[...] = scalars[:, 2]
+    row_v[...] = row_ids
+
+    # History: whole stored rows (a row memcpy each), cut to this batch's width; rows are
+    # left-aligned, so every position past a row's length is already 0.
+    r0 = 0
+    for r, idx in parts:
+        r1 = r0 + idx.size
+        if r.hist.shape[1] == width:
+            np.take(r.hist, idx, axis=0, out=hist[r0:r1], mode="clip")
+        else:           # narrower (length bucketing) or wider (pad_history_to) than stored
+            w = min(width, r.hist.shape[1])
+            hist[r0:r1, :w] = r.hist[idx, :w]
+            hist[r0:r1, w:] = 0
+        r0 = r1
+    # Sequence KJT values: the non-padding positions, row-major = history order (a boolean
+    # index and a copy beat np.compress into the storage).
+    seq_v[...] = hist[np.take(_valid_mask(width), h_len, axis=0)]
+
     if item_tokens is not None:
-        # np.take on axis 0 is ~15x faster than fancy indexing here; item 0 → all-zero tokens
-        np.take(item_tokens, hist.ravel(), axis=0, out=views[5].reshape(b * width, n_tok))
-        np.take(item_tokens, items, axis=0, out=views[6])
-    return Batch(
-        sparse_features=KeyedJaggedTensor.from_lengths_sync(
-            keys=[f.name for f in features], values=sp_vals_t, lengths=sp_lens_t),
-        sequence_features=KeyedJaggedTensor.from_lengths_sync(
-            keys=[HISTORY_FEATURE], values=seq_vals_t, lengths=h_len_t),
-        history=hist_t, history_lengths=h_len_t, history_tokens=hist_tok_t,
-        target_tokens=tgt_tok_t, labels=torch.from_numpy(labels), user_ids=user_t,
-        item_ids=item_t, row_ids=row_t)
+        # One fixed-size record per item (its T tokens), so the lookup is a 1-D gather of
+        # records (several times faster than gathering rows of a 2-D table); item 0 → zeros.
+        table = np.ascontiguousarray(item_tokens, dtype=TOKEN_DTYPE)
+        rec = np.dtype((np.void, table.itemsize * n_tok))
+        records = table.view(rec).reshape(-1)
+        np.take(records, hist, out=hist_tok.view(rec), mode="clip")
+        np.take(records, item_v, out=tgt_tok.view(rec)[:, 0], mode="clip")
+
+    # The KJT constructor given the per-key sizes numpy already knows = from_lengths_sync
+    # without its tensor reductions.
+    offsets = [0]
+    for m in n_sp:
+        offsets.append(offsets[-1] + m)
+    sparse = KeyedJaggedTensor(
+        keys=[f.name for f in features], values=tensors[0], lengths=tensors[1], stride=b,
+        length_per_key=n_sp, offset_per_key=offsets)
+    sequence = KeyedJaggedTensor(
+        keys=[HISTORY_FEATURE], values=tensors[2], lengths=tensors[4], stride=b,
+        length_per_key=[n_seq], offset_per_key=[0, n_seq])
+    return Batch(sparse_features=sparse, sequence_features=sequence, history=tensors[3],
+                 history_lengths=tensors[4], history_tokens=tensors[5],
+                 target_tokens=tensors[6], labels=tensors[10], user_ids=tensors[7],
+                 item_ids=tensors[8], row_ids=tensors[9])
 
 
-def _alloc_int64(shapes: list[tuple[int, ...]]) -> tuple[list[np.ndarray], list[torch.Tensor]]:
-    """Views of one new int64 storage in the given shapes (each start 64-byte aligned), as
-    numpy (to fill) and torch (same memory). A worker hands a Batch to the main process through
-    shared memory one storage at a time, so one storage instead of ~12 makes num_workers > 0
-    much cheaper."""
-    sizes = [int(np.prod(s)) for s in shapes]
-    starts = np.r_[0, np.cumsum([-(n // -8) * 8 for n in sizes])].astype(int)
-    buf = np.empty(int(starts[-1]), dtype=np.int64)
+def build_batch(table: pa.Table, features: list[FeatureSpec], row_ids: np.ndarray,
+                item_tokens: np.ndarray | None, where: Where,
+                pad_history_to: int | None = None, max_history: int | None = None) -> Batch:
+    """Sample rows → Batch (all rows, in order). `where` names the source in errors;
+    `max_history` keeps only the most recent items of longer stored histories."""
+    rows = decode_rows(table, features, where, max_history,
+                       None if item_tokens is None else item_tokens.shape[0])
+    return gather_batch([(rows, np.arange(table.num_rows))], np.asarray(row_ids), features,
+                        item_tokens, pad_history_to)
+
+
+@functools.lru_cache(maxsize=64)
+def _valid_mask(width: int) -> np.ndarray:
+    """[width+1, width] bool, row n marks the first n positions: a batch's mask of real
+    history positions is one row gather by history length, not a broadcast compare."""
+    return np.arange(width) < np.arange(width + 1)[:, None]
+
+
+
+
+def _alloc(specs: list[tuple[tuple[int, ...], np.dtype]]) -> tuple[list[np.ndarray],
+                                                                    list[torch.Tensor]]:
+    """Arrays of the given (shape, dtype) carved out of one new storage (each start 64-byte
+    aligned), as numpy (to fill) and torch (same memory). A worker hands a Batch to the main
+    process through shared memory one storage at a time, so one storage instead of ~12 makes
+    num_workers > 0 much cheaper. (Plain Python arithmetic: this runs once per batch.)"""
+    starts, end = [], 0
+    for shape, dtype in specs:
+        starts.append(end)
+        end += -(math.prod(shape) * dtype.itemsize // -64) * 64
+    buf = np.empty(end, dtype=np.uint8)
     flat = torch.from_numpy(buf)
-    views = [buf[a:a + n].reshape(s) for a, n, s in zip(starts, sizes, shapes, strict=False)]
-    tensors = [flat[a:a + n].view(s) for a, n, s in zip(starts, sizes, shapes, strict=False)]
+    typed = {d: flat.view(t) for d, t in _TORCH_DTYPES.items()}  # end % 64 == 0: all fit
+    views, tensors = [], []
+    for a, (shape, dtype) in zip(starts, specs, strict=True):
+        views.append(np.ndarray(shape, dtype, buf, a))
+        strides = (shape[1], 1) if len(shape) == 2 else (1,)  # 1-D and 2-D only
+        tensors.append(typed[dtype].as_strided(shape, strides, a // dtype.itemsize))
     return views, tensors

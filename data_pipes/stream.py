@@ -16,11 +16,15 @@ the shuffled order), cut again into the same W batch sizes, and the W batches ar
 seeded random order. A batch then pads to a similar length (the collate pads to the longest
 history in the batch), the epoch still holds every sample exactly once, every rank runs the
 same steps, and the order stays a pure function of (seed, epoch, rank), so resume is exact.
+
+Each worker reads and decodes a row group once per epoch (data_pipes.collate.decode_rows) and
+keeps it until no later batch needs it, so it holds the decoded groups that one batch spans,
+or with bucketing one window of W batches (W·batch rows plus a group at each end).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +36,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from data_pipes.batch import Batch
-from data_pipes.collate import build_batch, load_item_tokens
+from data_pipes.collate import Rows, decode_rows, gather_batch, load_item_tokens
 from data_pipes.schema import HISTORY, SPLITS, DatasetError, feature_specs, load_manifest
 
 
@@ -123,7 +127,9 @@ class EpochPlan:
             bs = batch_sizes(hi - lo, steps, batch_size) if steps else []
         self.bounds = lo + np.r_[0, np.cumsum(bs)].astype(np.int64)
         self.positions: list[np.ndarray] | None = None
+        self.window = 1     # batches whose samples are drawn from one run of the sequence
         if bucket_window > 0 and shuffle and steps:
+            self.window = bucket_window
             if lengths is None:
                 raise ValueError("length bucketing needs the split's history lengths")
             self.positions = self._bucket(bucket_window, lengths)
@@ -156,16 +162,32 @@ class EpochPlan:
             return np.arange(self.groups[g].rows)
         return np.random.default_rng((self.seed, self.epoch, g)).permutation(self.groups[g].rows)
 
+    def first_group(self, j: int) -> int:
+        """The first ordered group any batch ≥ j can still need: that of j's bucketing
+        window (its batches come in random order), and group ranges only grow later."""
+        start = self.bounds[j - j % self.window]
+        return int(np.searchsorted(self.starts, start, side="right")) - 1
+
     def segments(self, j: int) -> list[tuple[int, np.ndarray]]:
         """Batch j as [(ordered group k, positions inside that group's row order)]."""
-        if self.positions is not None:
-            pos = self.positions[j]
-        else:
-            pos = np.arange(int(self.bounds[j]), int(self.bounds[j + 1]))
+        if self.positions is None:  # a contiguous run of the sequence: cut at group starts
+            lo, hi = int(self.bounds[j]), int(self.bounds[j + 1])
+            k0, k1 = np.searchsorted(self.starts, [lo, hi - 1], side="right") - 1
+            return [(k, np.arange(max(lo, self.starts[k]), min(hi, self.starts[k + 1]))
+                     - self.starts[k]) for k in range(int(k0), int(k1) + 1)]
+        pos = self.positions[j]
         k = np.searchsorted(self.starts, pos, side="right") - 1
         cut = np.flatnonzero(np.diff(k)) + 1
         return [(int(kk[0]), p - int(self.starts[kk[0]]))
                 for kk, p in zip(np.split(k, cut), np.split(pos, cut), strict=True)]
+
+
+@dataclass
+class _WorkerCache:
+    """What one iterator (one worker) keeps between batches."""
+
+    groups: dict[int, tuple[Rows, np.ndarray]] = field(default_factory=dict)  # by order k
+    files: dict[Path, pq.ParquetFile] = field(default_factory=dict)
 
 
 class StreamingSplit(IterableDataset):
@@ -206,45 +228,42 @@ class StreamingSplit(IterableDataset):
     def __len__(self) -> int:
         return self.plan().steps
 
-    def _read(self, plan: EpochPlan, k: int,
-              cache: dict[int, tuple[pa.Table, np.ndarray]]) -> tuple[pa.Table, np.ndarray]:
-        """(row group table as stored, its row order this epoch), cached per worker."""
-        if k not in cache:
+    def _read(self, plan: EpochPlan, k: int, cache: _WorkerCache) -> tuple[Rows, np.ndarray]:
+        """(the k-th group of the epoch order, decoded and validated once; its row order this
+        epoch), cached per worker while batches still need it."""
+        if k not in cache.groups:
             g = plan.groups[int(plan.order[k])]
             try:
-                table = pq.ParquetFile(g.path).read_row_group(g.index)  # all columns: the schema is the contract
+                # All columns: the schema is the contract. The file stays open (re-opening
+                # re-parses its footer for every row group); only a few are kept open.
+                if g.path not in cache.files:
+                    if len(cache.files) >= 4:
+                        del cache.files[next(iter(cache.files))]
+                    cache.files[g.path] = pq.ParquetFile(g.path)
+                table = cache.files[g.path].read_row_group(g.index)
             except (pa.ArrowInvalid, OSError) as e:
                 raise DatasetError(f"{g.path}: row group {g.index} unreadable ({e})") from None
-            cache[k] = (table, plan.row_perm(k))
-        return cache[k]
 
-    def build(self, plan: EpochPlan, j: int, cache: dict[int, Any]) -> Batch:
-        parts, rows, groups = [], [], []
-        segments = plan.segments(j)
-        for old in [k for k in cache if k < segments[0][0]]:  # groups are visited in order
-            del cache[old]
-        for k, pos in segments:
-            table, perm = self._read(plan, k, cache)
-            idx = perm[pos]
-            contiguous = idx.size and idx[-1] - idx[0] == idx.size - 1 and (
-                np.diff(idx) == 1).all()
-            # one gather of just this batch's rows (a slice when they are contiguous, as in
-            # evaluation); no full-table shuffle per row group
-            parts.append(table.slice(int(idx[0]), idx.size) if contiguous else table.take(idx))
-            g = plan.groups[int(plan.order[k])]
-            rows.append(g.offset + idx)
-            groups.append(g)
-        table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+            def where(row: int, g: RowGroup = g) -> str:  # only called to word an error
+                return f"{g.path} (row group {g.index}, row {row})"
 
-        def where(row: int) -> str:  # only called to word an error
-            for g, r in zip(groups, rows, strict=True):
-                if row < len(r):
-                    return f"{g.path} (row group {g.index}, row {int(r[row]) - g.offset})"
-                row -= len(r)
-            return "?"
+            rows = decode_rows(table, self.features, where, self.max_history,
+                               None if self.item_tokens is None else self.item_tokens.shape[0])
+            cache.groups[k] = (rows, plan.row_perm(k))
+        return cache.groups[k]
 
-        return build_batch(table, self.features, np.concatenate(rows), self.item_tokens, where,
-                           self.pad_history_to, self.max_history)
+    def build(self, plan: EpochPlan, j: int, cache: _WorkerCache) -> Batch:
+        first = plan.first_group(j)
+        for old in [k for k in cache.groups if k < first]:
+            del cache.groups[old]  # no later batch of this epoch reads it again
+        parts, row_ids = [], []
+        for k, pos in plan.segments(j):
+            rows, perm = self._read(plan, k, cache)
+            idx = perm[pos]      # this batch's rows of the group: a gather, no group shuffle
+            parts.append((rows, idx))
+            row_ids.append(plan.groups[int(plan.order[k])].offset + idx)
+        return gather_batch(parts, np.concatenate(row_ids) if len(row_ids) > 1 else row_ids[0],
+                            self.features, self.item_tokens, self.pad_history_to)
 
     def __iter__(self):  # noqa: ANN204
         info = get_worker_info()
@@ -257,7 +276,7 @@ class StreamingSplit(IterableDataset):
             self._resume = None
         if start >= plan.steps:  # a finished epoch iterated again starts over
             start = 0
-        cache: dict[int, Any] = {}
+        cache = _WorkerCache()
         j = start if start % nw == wid else start + (wid - start % nw) % nw
         while j < plan.steps:
             batch = self.build(plan, j, cache)

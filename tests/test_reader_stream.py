@@ -109,6 +109,28 @@ def test_length_bucketing_pads_less_and_keeps_the_epoch(tiny_dataset: Path) -> N
     assert all((a == b).all() for a, b in zip(rows, rows_again, strict=True))
 
 
+@pytest.mark.parametrize("bucket", [0, 4, 50])
+def test_each_row_group_is_read_and_decoded_once_per_epoch(tiny_dataset: Path, bucket: int,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches of a bucketing window come in random order and span several row groups: a
+    group may only be dropped from the worker's cache once no later batch needs it."""
+    import data_pipes.stream as stream
+
+    decoded: list[str] = []
+    real = stream.decode_rows
+
+    def counting(table, features, where, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+        decoded.append(where(0))
+        return real(table, features, where, *a, **k)
+
+    monkeypatch.setattr(stream, "decode_rows", counting)
+    loader = build_loader(tiny_dataset, "train", batch_size=5, seed=2, shuffle=True,
+                          bucket_window=bucket)
+    rows = np.concatenate([b.row_ids.numpy() for b in loader])
+    assert sorted(rows.tolist()) == list(range(_split_rows(tiny_dataset, "train")))
+    assert len(decoded) == len(set(decoded)) == len(loader.dataset.groups)
+
+
 def test_batch_sizes_never_leave_an_empty_tail() -> None:
     assert batch_sizes(10, 3, 4) == [4, 4, 2]
     assert batch_sizes(8, 3, 4) == [4, 3, 1]       # 8 = 2 full batches but 3 steps required
