@@ -104,5 +104,9 @@ def set_threads(local_world_size: int) -> int:
     """ranks × threads ≤ cores: each local rank gets cores // local ranks intra-op threads."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = max(1, (cores or 1) // max(1, local_world_size))
+    # An explicit OMP_NUM_THREADS (torchrun sets 1; several jobs sharing a machine) wins.
+    explicit = os.environ.get("OMP_NUM_THREADS", "")
+    if explicit.isdigit() and int(explicit) > 0:
+        threads = min(threads, int(explicit))
     torch.set_num_threads(threads)
     return threads

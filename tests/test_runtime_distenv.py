@@ -18,6 +18,7 @@ def test_world_of_one_without_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
     all-reduce return their input; LOCAL_WORLD_SIZE=2 halves this process's threads."""
     for k in _TORCHRUN:
         monkeypatch.delenv(k, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     before = torch.get_num_threads()
     cores = len(os.sched_getaffinity(0))
     try:
@@ -33,8 +34,12 @@ def test_world_of_one_without_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
         env.barrier()
         env.destroy()
         monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-        DistEnv.init("auto" if not torch.cuda.is_available() else "cpu")
+        DistEnv.init("auto" if not torch.cuda.is_available() else "cpu").destroy()
         assert torch.get_num_threads() == max(1, cores // 2)
+        monkeypatch.delenv("LOCAL_WORLD_SIZE")
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")   # an explicit setting caps the threads
+        DistEnv.init("cpu").destroy()
+        assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
 
@@ -42,6 +47,7 @@ def test_world_of_one_without_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_impossible_device_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     for k in _TORCHRUN:
         monkeypatch.delenv(k, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     before = torch.get_num_threads()
     with pytest.raises(ValueError, match="expected 'auto', 'cpu' or 'cuda'"):
         DistEnv.init("gpu")

@@ -175,3 +175,18 @@ def test_encoding_identical_histories_once_is_exact() -> None:
     torch.testing.assert_close(a[0], b[0], rtol=1e-6, atol=1e-7)
     for name in b[1]:
         torch.testing.assert_close(a[1][name], b[1][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("chunk", [1, 5])
+def test_generator_chunks_give_the_same_loss_and_gradients(chunk: int) -> None:
+    """model.generator_chunk runs encoder, NTP decoder and generation over slices of the
+    batch (12 samples here, slices of 1 and of 5 with a short last one)."""
+    whole, batch = task_and_batch(6, generator_chunk=0, beam_width=2)
+    sliced, _ = task_and_batch(6, generator_chunk=chunk, beam_width=2)
+    whole.train()
+    sliced.train()
+    a, b = loss_and_grads(whole, batch), loss_and_grads(sliced, batch)
+    torch.testing.assert_close(b[0], a[0], rtol=1e-6, atol=1e-7)
+    assert a[1].keys() == b[1].keys()
+    for name in a[1]:
+        torch.testing.assert_close(b[1][name], a[1][name], rtol=1e-5, atol=1e-7, msg=name)

@@ -100,16 +100,43 @@ class GenCITask(nn.Module):
                                               cross_kv=cross_kv)
         return codes[:, 0]
 
+    def _generator_pass(self, tokens: Tensor, targets: Tensor, need_ntp: bool
+                        ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """(H_enc, mask, NTP logits or None, generated codes or None) for every sample, over
+        slices of `generator_chunk` samples (all slices keep the batch's padded width; every
+        step is per-sample, so this is exact)."""
+        cfg = self.cfg
+        n = tokens.shape[0]
+        step = cfg.generator_chunk if 0 < cfg.generator_chunk < n else max(n, 1)
+        encs, masks, logits, codes = [], [], [], []
+        for i in range(0, n, step):
+            enc, mask = self.generator.encode(tokens[i:i + step])
+            kv = None
+            if need_ntp:
+                lg, kv = self.generator.ntp_logits_and_cross_kv(
+                    enc, mask, targets[i:i + step], keep=cfg.reuse_cross_kv and cfg.use_st_intent)
+                logits.append(lg)
+            if cfg.use_st_intent:
+                codes.append(self.generate(enc, mask, kv))
+            encs.append(enc)
+            masks.append(mask)
+        if len(encs) == 1:
+            enc, mask = encs[0], masks[0]
+        else:
+            enc, mask = torch.cat(encs), torch.cat(masks)
+        return (enc, mask, torch.cat(logits) if logits else None,
+                torch.cat(codes) if codes else None)
+
     def _intents(self, batch: Batch, enc: Tensor, mask: Tensor,
-                 cross_kv: list[tuple[Tensor, Tensor]] | None = None) -> dict[str, Tensor]:
+                 codes: Tensor | None) -> dict[str, Tensor]:
         """{"lt": H_LTI, "st": H_STI, "item": e_v} for the enabled branches."""
         out: dict[str, Tensor] = {}
         if self.cfg.use_lt_intent:
             out["lt"] = self.generator.last_valid(enc, mask)
         if self.cfg.use_st_intent:
-            cohorts = self.cohort_ids(self.generate(enc, mask, cross_kv))
-            e_v, e_c = self.intent_emb(batch.item_ids, cohorts, self.cohort_indptr,
-                                       self.cohort_members)
+            assert codes is not None
+            e_v, e_c = self.intent_emb(batch.item_ids, self.cohort_ids(codes),
+                                       self.cohort_indptr, self.cohort_members)
             out["st"] = self.cohort_attn(e_c, enc, mask, e_v)
             out["item"] = e_v
         return out
@@ -118,21 +145,19 @@ class GenCITask(nn.Module):
     def intents(self, batch: Batch) -> dict[str, Tensor]:
         """Long-term intent H_LTI, short-term intent H_STI and the target item's intent-space
         embedding e_v (all [B, d_model]) for analysis (paper Fig. 4)."""
-        enc, mask = self.generator.encode(batch.history_tokens)
-        return {k: v.detach() for k, v in self._intents(batch, enc, mask).items()}
+        enc, mask, _, codes = self._generator_pass(batch.history_tokens, batch.target_tokens,
+                                                   need_ntp=False)
+        return {k: v.detach() for k, v in self._intents(batch, enc, mask, codes).items()}
 
     def forward(self, batch: Batch) -> TaskOutput:
         cfg = self.cfg
         y = batch.labels
         fields, e_u, e_v_feat = self.sparse(batch.sparse_features)
-        enc, mask = self.generator.encode(batch.history_tokens)
-        ntp_logits, cross_kv = None, None
-        if cfg.use_ntp:
-            # The teacher-forced decoder pass runs first so that generation can reuse its
-            # cross-attention keys/values (a function of H_enc only) instead of recomputing them.
-            ntp_logits, cross_kv = self.generator.ntp_logits_and_cross_kv(
-                enc, mask, batch.target_tokens, keep=cfg.reuse_cross_kv and cfg.use_st_intent)
-        intents = self._intents(batch, enc, mask, cross_kv)
+        # The teacher-forced decoder pass runs before generation so that generation can reuse
+        # its cross-attention keys/values when model.reuse_cross_kv is set.
+        enc, mask, ntp_logits, codes = self._generator_pass(
+            batch.history_tokens, batch.target_tokens, need_ntp=cfg.use_ntp)
+        intents = self._intents(batch, enc, mask, codes)
         reps = [intents[k] for k in ("lt", "st") if k in intents]
         parts: dict[str, Tensor] = {}
         logit = self.mlp(torch.cat([*reps, e_u, e_v_feat], dim=1)).squeeze(-1)
