@@ -276,7 +276,9 @@ def prob_to_logit(prob: np.ndarray) -> np.ndarray:
     from scipy.special import logit
 
     f32 = np.finfo(np.float32)
-    return logit(np.clip(np.asarray(prob, dtype=np.float64), f32.tiny, 1.0 - f32.epsneg / 2))
+    # bounds in float64: `1.0 - f32.epsneg / 2` in float32 arithmetic rounds back to 1.0
+    lo, hi = float(f32.tiny), 1.0 - float(f32.epsneg) / 2
+    return logit(np.clip(np.asarray(prob, dtype=np.float64), lo, hi))
 
 
 def group_metrics(preds: Mapping[str, np.ndarray], groups: VolatilityGroups

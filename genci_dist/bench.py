@@ -232,7 +232,8 @@ def measure_loop(trainer: Any, clock: PhaseClock, feed: Feed, steps: int, warmup
             with clock.phase("data"):
                 batch = feed.next()
             t = time.perf_counter()
-            loss, *_ = dmp(batch)
+            with trainer._autocast():  # train.autocast_bf16, as the trainer runs it
+                loss, *_ = dmp(batch)
             forward += time.perf_counter() - t
             if train:
                 with clock.phase("backward"):

@@ -224,3 +224,20 @@ def test_report_compare_still_works(tiny_run: tuple[Path, Path, dict],
     assert main(["compare", str(run / "metrics.json"), "--base", run.name]) == 0
     out = capsys.readouterr().out
     assert "| run (test) | AUC |" in out and f"| {run.name} | " in out and "+0.00%" in out
+
+
+def test_stored_probability_one_gives_a_finite_logloss() -> None:
+    """A float32 prediction file can hold prob == 1.0 exactly (seen on ML-1M DeepFM); the
+    LogLoss must stay finite and equal sklearn's on the clipped probabilities."""
+    from sklearn.metrics import log_loss
+
+    from genci_dist.analysis import prob_to_logit
+    from genci_dist.metrics import logloss
+
+    prob = np.array([1.0, 0.0, 0.3, 1.0], dtype=np.float32)
+    y = np.array([1.0, 0.0, 1.0, 0.0])
+    logits = prob_to_logit(prob)
+    assert np.isfinite(logits).all()
+    clipped = 1.0 / (1.0 + np.exp(-logits))
+    assert logloss(logits, y) == pytest.approx(log_loss(y, clipped), rel=1e-9)
+    assert np.isfinite(logloss(logits, y))
