@@ -103,7 +103,7 @@ def figures(run_dir: Path, checkpoint: Path | None = None, data_dir: Path | None
     """Every figure of one run, written into run_dir; returns the paths written. What cannot
     be made (no history yet, no checkpoint, a baseline run without intents) is reported and
     skipped, so one missing piece does not cost the others."""
-    from genci_dist import analysis
+    from genci_dist import analysis, intent_map
     from genci_dist.checkpoint import load_checkpoint_config, resolve
 
     run_dir = Path(run_dir)
@@ -126,7 +126,7 @@ def figures(run_dir: Path, checkpoint: Path | None = None, data_dir: Path | None
             raise analysis.AnalysisError(str(e)) from None
         print(f"[figures] Fig. 4 skipped: {e}", flush=True)
     if cfg is not None and cfg.model.name == "genci":
-        written += analysis.write_fig4(ckpt, run_dir, tsne_samples, tsne_labels, seed,
+        written += intent_map.write_fig4(ckpt, run_dir, tsne_samples, tsne_labels, seed,
                                        data_dir=data_dir)
     elif cfg is not None:
         print(f"[figures] Fig. 4 skipped: {ckpt} is a {cfg.model.name} run (no intents)",

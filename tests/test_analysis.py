@@ -207,7 +207,7 @@ def test_report_figures_on_a_trained_run(tiny_run: tuple[Path, Path, dict],
 
 def test_intents_of_positive_targets_only(tiny_run: tuple[Path, Path, dict]) -> None:
     """labels="positive" embeds the first clicked targets only, every kind for each."""
-    from genci_dist.analysis import collect_intents
+    from genci_dist.intent_map import collect_intents
 
     vec = collect_intents(tiny_run[0], n_samples=7, labels="positive")
     assert set(vec) == {"lt", "st", "item", "label"}

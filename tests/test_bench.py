@@ -11,14 +11,8 @@ from typing import Any
 
 import pytest
 
-from genci_dist.bench import (
-    EVAL_PHASES,
-    FORWARD_PHASES,
-    TRAIN_PHASES,
-    main,
-    parse_variant,
-    summarize,
-)
+from genci_dist.bench import main, parse_variant, summarize
+from genci_dist.bench_measure import EVAL_PHASES, FORWARD_PHASES, TRAIN_PHASES
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL_S = 2e-3  # perf_counter bookkeeping between the phases and the step's own clock
