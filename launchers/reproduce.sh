@@ -67,8 +67,10 @@ for name in "${runs[@]}"; do
     --out "$run/eval_test.json" --predictions "$run/predictions_test.parquet"
 done
 
+# The table covers every finished run of this set (not only the ones named in MODELS), so
+# running one model later does not drop the others from results.md.
 metrics=()
-for name in "${runs[@]}"; do metrics+=("$out/$name/metrics.json"); done
+for m in "$out"/*/metrics.json; do [ -f "$m" ] && metrics+=("$m"); done
 base=""
 [ -f "$out/deepfm/metrics.json" ] && base="--base deepfm"
 # shellcheck disable=SC2086
