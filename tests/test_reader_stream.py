@@ -131,6 +131,25 @@ def test_each_row_group_is_read_and_decoded_once_per_epoch(tiny_dataset: Path, b
     assert len(decoded) == len(set(decoded)) == len(loader.dataset.groups)
 
 
+def test_workers_do_not_inherit_the_trainers_process(tiny_dataset: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers come from a fork server, not from forking the (trainer) process: a forked
+    worker keeps a private copy of every heap page the trainer writes afterwards, i.e. the
+    trainer's whole peak heap. Proof: state changed in this process after import (a broken
+    batch builder) is not seen by the workers, which still build correct batches."""
+    import data_pipes.stream as stream
+
+    def broken(*_a, **_k):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("a worker ran the parent's patched module: it was forked")
+
+    monkeypatch.setattr(stream, "gather_batch", broken)
+    loader = build_loader(tiny_dataset, "train", batch_size=5, num_workers=2, seed=2)
+    rows = np.concatenate([b.row_ids.numpy() for b in loader])
+    assert sorted(rows.tolist()) == list(range(_split_rows(tiny_dataset, "train")))
+    with pytest.raises(AssertionError, match="patched"):  # in-process: the patch is live
+        next(iter(build_loader(tiny_dataset, "train", batch_size=5, num_workers=0, seed=2)))
+
+
 def test_batch_sizes_never_leave_an_empty_tail() -> None:
     assert batch_sizes(10, 3, 4) == [4, 4, 2]
     assert batch_sizes(8, 3, 4) == [4, 3, 1]       # 8 = 2 full batches but 3 steps required
