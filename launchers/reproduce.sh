@@ -72,6 +72,12 @@ done
 metrics=()
 for m in "$out"/*/metrics.json; do [ -f "$m" ] && metrics+=("$m"); done
 base=""
+if [ "$what" = ml100k-ablations ]; then  # Table 4 sets the variants beside full GenCI
+  for m in "$RUNS/ml100k/deepfm/metrics.json" "$RUNS/ml100k/genci/metrics.json"; do
+    [ -f "$m" ] && metrics+=("$m")
+  done
+  [ -f "$RUNS/ml100k/deepfm/metrics.json" ] && base="--base deepfm"
+fi
 [ -f "$out/deepfm/metrics.json" ] && base="--base deepfm"
 # shellcheck disable=SC2086
 python -m genci_dist.report compare "${metrics[@]}" $base | tee "$out/results.md"
