@@ -9,9 +9,11 @@
 #   MODELS="deepfm din" ./launchers/reproduce.sh ml1m
 #
 # Knobs: RUNS (default runs/repro), NPROC (default 1: one process with both cores' threads,
-# measured faster than 2 ranks × 1 thread for GenCI on this machine — see README), EXTRA
-# (more config overrides for every run). Each run resumes from its latest checkpoint if
-# interrupted (checkpoint.resume = auto), so re-running the same command continues.
+# measured faster than 2 ranks × 1 thread for GenCI on this machine — see README), JOBS
+# (default 1; JOBS=2 trains two models side by side with one thread each — GenCI gains little
+# from a second thread, README "Speed"), EXTRA (more config overrides for every run). Each
+# run resumes from its latest checkpoint if interrupted (checkpoint.resume = auto), so
+# re-running the same command continues.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -20,6 +22,7 @@ export PATH="$root/.venv/bin:$PATH" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 what="${1:?usage: reproduce.sh ml100k|ml100k-ablations|ml1m}"
 RUNS="${RUNS:-runs/repro}"
 NPROC="${NPROC:-1}"
+JOBS="${JOBS:-1}"
 EXTRA="${EXTRA:-}"
 
 case "$what" in
@@ -50,12 +53,11 @@ overrides_for() {  # run name → model overrides
 }
 
 out="$RUNS/$what"
-for name in "${runs[@]}"; do
-  run="$out/$name"
-  echo "=== $(date +%T) $name → $run"
+run_one() {  # train one model to early stopping, then evaluate its best checkpoint on test
+  local name="$1" run="$out/$1" t0
   # shellcheck disable=SC2046
-  args=(--config "$config" $(overrides_for "$name") --train.run_dir "$run"
-        --train.progress_bar false $EXTRA)
+  local args=(--config "$config" $(overrides_for "$name") --train.run_dir "$run"
+              --train.progress_bar false $EXTRA)
   t0=$(date +%s)
   if [ "$NPROC" -gt 1 ]; then
     torchrun --standalone --nproc_per_node="$NPROC" -m genci_dist.train "${args[@]}"
@@ -65,7 +67,31 @@ for name in "${runs[@]}"; do
   echo "$(( $(date +%s) - t0 ))" > "$run/wall_seconds.txt"
   python -m genci_dist.evaluate --checkpoint "$run/checkpoints/best" --split test \
     --out "$run/eval_test.json" --predictions "$run/predictions_test.parquet"
-done
+}
+
+if [ "$JOBS" -le 1 ]; then
+  for name in "${runs[@]}"; do
+    echo "=== $(date +%T) $name → $out/$name"
+    run_one "$name"
+  done
+else
+  # JOBS runs at a time, one thread each (unless OMP_NUM_THREADS says otherwise): GenCI gains
+  # little from a second thread, so two runs side by side nearly double the throughput.
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+  mkdir -p "$out"
+  pids=()
+  for name in "${runs[@]}"; do
+    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done
+    echo "=== $(date +%T) $name → $out/$name (log: $out/$name.log)"
+    run_one "$name" > "$out/$name.log" 2>&1 &
+    pids+=($!)
+  done
+  failed=0
+  for i in "${!pids[@]}"; do
+    wait "${pids[$i]}" || { echo "!!! ${runs[$i]} failed: see $out/${runs[$i]}.log" >&2; failed=1; }
+  done
+  [ "$failed" -eq 0 ] || exit 1
+fi
 
 # The table covers every finished run of this set (not only the ones named in MODELS), so
 # running one model later does not drop the others from results.md.
