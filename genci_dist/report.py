@@ -74,10 +74,20 @@ def compare_table(runs: Sequence[Path], split: str = "test", base: str | None = 
     for name, s, m in rows:
         ri = f"{rela_impr(s['auc'], base_auc):+.2f}%" if base_auc is not None else "–"
         epoch = m.get("best_epoch", "–")
-        wall = f"{m['train_wall_s'] / 60:.1f}" if "train_wall_s" in m else "–"
+        wall_s = _train_seconds(m)
+        wall = "–" if wall_s is None else f"{wall_s / 60:.1f}"
         lines.append(f"| {name} | {s['auc']:.4f} | {s['logloss']:.4f} | "
                      f"{s.get('gauc', float('nan')):.4f} | {ri} | {epoch} | {wall} |")
     return "\n".join(lines)
+
+
+def _train_seconds(m: dict) -> float | None:
+    """Training + validation seconds of every epoch, across resumes: the per-epoch history
+    (files written before train_wall_s covered resumes counted only the last process)."""
+    epochs = [r["epoch_s"] for r in m.get("history", []) if "epoch_s" in r]
+    if epochs:
+        return float(sum(epochs))
+    return m.get("train_wall_s")
 
 
 def _named_files(items: Sequence[str]) -> dict[str, Path]:

@@ -227,7 +227,11 @@ class Trainer:
         if self.cfg.checkpoint.enabled and self.cfg.checkpoint.keep_best:
             self.ckpt.load_best(model=self.dmp)
         results: dict[str, Any] = {"best_epoch": self.best_epoch, "best_valid_auc": self.best_auc,
-                                   "steps": self.step, "train_wall_s": wall,
+                                   "steps": self.step,
+                                   # every epoch's training + validation, across resumes
+                                   # (history is checkpointed); this process's part apart
+                                   "train_wall_s": sum(r["epoch_s"] for r in self.history),
+                                   "process_wall_s": wall,
                                    "world_size": self.env.world_size,
                                    "model": self.cfg.model.name}
         for split in self.cfg.eval.splits:

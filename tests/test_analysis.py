@@ -241,3 +241,26 @@ def test_stored_probability_one_gives_a_finite_logloss() -> None:
     clipped = 1.0 / (1.0 + np.exp(-logits))
     assert logloss(logits, y) == pytest.approx(log_loss(y, clipped), rel=1e-9)
     assert np.isfinite(logloss(logits, y))
+
+
+def test_compare_table_relaimpr_and_time_across_resumes(tmp_path: Path) -> None:
+    """Hand-computed: RelaImpr = (0.83 − 0.5) / (0.80 − 0.5) − 1 = +10.00 %; the time column
+    sums every epoch's seconds (60 + 120 s → 3.0 min, also epochs of an earlier process) and
+    falls back to train_wall_s for files without a history."""
+    from genci_dist.report import compare_table
+
+    def write(name: str, metrics: dict) -> Path:
+        (tmp_path / name).mkdir()
+        path = tmp_path / name / "metrics.json"
+        path.write_text(json.dumps(metrics))
+        return path
+
+    base = write("deepfm", {"test": {"auc": 0.80, "logloss": 0.5, "gauc": 0.7},
+                            "best_epoch": 4, "train_wall_s": 90.0})
+    resumed = write("genci", {"test": {"auc": 0.83, "logloss": 0.45, "gauc": 0.72},
+                              "best_epoch": 1, "train_wall_s": 30.0,
+                              "history": [{"epoch": 0, "epoch_s": 60.0},
+                                          {"epoch": 1, "epoch_s": 120.0}]})
+    rows = compare_table([base, resumed], base="deepfm").splitlines()[2:]
+    assert rows[0] == "| deepfm | 0.8000 | 0.5000 | 0.7000 | +0.00% | 4 | 1.5 |"
+    assert rows[1] == "| genci | 0.8300 | 0.4500 | 0.7200 | +10.00% | 1 | 3.0 |"

@@ -217,6 +217,12 @@ def test_resume_in_fresh_processes_continues_the_same_losses(runs: Path) -> None
     assert any(abs(a[s] - a[s - K_STOP]) > 1e-3 for s in range(K_STOP + 1, TOTAL + 1))
     meta = json.loads((runs / "B" / "checkpoints" / "latest" / "meta.json").read_text())
     assert meta["step"] == TOTAL and meta["world_size"] == 2
+    # the reported training time covers both processes' parts, not only the resumed one
+    metrics = json.loads((runs / "B" / "metrics.json").read_text())
+    parts = [r["epoch_s"] for r in metrics["history"]]
+    assert len(parts) >= 2 and metrics["history"][0]["step"] == K_STOP  # [0]: first process
+    assert metrics["train_wall_s"] == pytest.approx(sum(parts))
+    assert metrics["process_wall_s"] >= sum(parts[1:]) and parts[0] > 0
 
 
 def test_table_wise_checkpoint_loads_plain_and_row_wise(runs: Path, tiny_dataset: Path) -> None:
