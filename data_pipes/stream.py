@@ -38,7 +38,16 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from data_pipes.batch import Batch
 from data_pipes.collate import Rows, decode_rows, gather_batch, load_item_tokens
-from data_pipes.schema import HISTORY, SPLITS, DatasetError, feature_specs, load_manifest
+from data_pipes.schema import (
+    HISTORY,
+    ITEM,
+    LABEL,
+    SPLITS,
+    USER,
+    DatasetError,
+    feature_specs,
+    load_manifest,
+)
 
 
 @dataclass(frozen=True)
@@ -208,6 +217,7 @@ class StreamingSplit(IterableDataset):
         self.seed, self.shuffle, self.pad_history_to = seed, shuffle, pad_history_to
         manifest = load_manifest(self.dataset_dir)
         self.features = feature_specs(manifest)
+        self.columns = [USER, ITEM, LABEL, HISTORY, *(f.name for f in self.features)]
         self.groups = list_row_groups(self.dataset_dir, split)
         self.item_tokens = load_item_tokens(self.dataset_dir)[0] if with_tokens else None
         # Per-row history lengths (capped at max_history) for bucketing: read once here from
@@ -235,13 +245,19 @@ class StreamingSplit(IterableDataset):
         if k not in cache.groups:
             g = plan.groups[int(plan.order[k])]
             try:
-                # All columns: the schema is the contract. The file stays open (re-opening
-                # re-parses its footer for every row group); only a few are kept open.
+                # The file stays open (re-opening re-parses its footer for every row group);
+                # only a few are kept open. Only the columns a Batch uses are decoded (a
+                # missing one is left out here and named by decode_rows), and on this thread:
+                # Arrow's pool costs ~25% more CPU for these small row groups and competes
+                # with the trainer's threads (measured, README "Data").
                 if g.path not in cache.files:
                     if len(cache.files) >= 4:
                         del cache.files[next(iter(cache.files))]
                     cache.files[g.path] = pq.ParquetFile(g.path)
-                table = cache.files[g.path].read_row_group(g.index)
+                pf = cache.files[g.path]
+                present = set(pf.schema_arrow.names)
+                table = pf.read_row_group(g.index, use_threads=False,
+                                          columns=[c for c in self.columns if c in present])
             except (pa.ArrowInvalid, OSError) as e:
                 raise DatasetError(f"{g.path}: row group {g.index} unreadable ({e})") from None
 
