@@ -100,7 +100,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                               with_tokens=cfg.model.name == "genci",
                               max_history=cfg.data.max_history)
         preds: list[dict[str, Any]] | None = [] if args.predictions else None
-        metrics = evaluate_loader(model, loader, env, preds)
+        # as the trainer's validation runs it (train.autocast_bf16 of the checkpoint's config,
+        # or `--train.autocast_bf16 true` to score an fp32 checkpoint in bf16)
+        with torch.autocast(env.device.type, dtype=torch.bfloat16,
+                            enabled=cfg.train.autocast_bf16):
+            metrics = evaluate_loader(model, loader, env, preds)
+        metrics["autocast_bf16"] = cfg.train.autocast_bf16
         metrics = {"model": cfg.model.name, "split": args.split, "world_size": env.world_size,
                    "checkpoint": str(ckpt), **metrics}
         if args.base:

@@ -67,6 +67,14 @@ def test_two_rank_table_wise_checkpoint_reshards(tiny_dataset: Path, tmp_path: P
         assert other["samples"] == trained["samples"]
         assert other["auc"] == pytest.approx(trained["auc"], abs=1e-6)
         assert other["logloss"] == pytest.approx(trained["logloss"], abs=1e-6)
+    # (c) the same checkpoint scored under bf16 autocast (as a bf16 run's validation is):
+    # really applied (the scores move) and close to fp32
+    assert evaluate_main(["--checkpoint", str(best), "--split", "test", "--out",
+                          str(tmp_path / "bf16.json"), "--train.autocast_bf16", "true"]) == 0
+    bf16 = _metrics(tmp_path / "bf16.json")
+    assert bf16["autocast_bf16"] is True and plain["autocast_bf16"] is False
+    assert bf16["logloss"] != plain["logloss"]
+    assert bf16["logloss"] == pytest.approx(plain["logloss"], abs=1e-2)
 
 
 def _steps(run: Path) -> dict[int, float]:
