@@ -220,8 +220,8 @@ class StreamingSplit(IterableDataset):
         self.columns = [USER, ITEM, LABEL, HISTORY, *(f.name for f in self.features)]
         self.groups = list_row_groups(self.dataset_dir, split)
         self.item_tokens = load_item_tokens(self.dataset_dir)[0] if with_tokens else None
-        # Per-row history lengths (capped at max_history) for bucketing: read once here from
-        # the list offsets only, before workers fork.
+        # Per-row history lengths (capped at max_history) for bucketing, read once here from
+        # the list offsets only (workers receive them with the pickled dataset).
         self.lengths = history_lengths(self.groups, max_history) if self.bucket_window else None
         self.epoch = 0
         self._next = 0       # next batch index of this worker's next yield
