@@ -197,7 +197,9 @@ class Trainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         self._last_train: dict[str, float] = {}
-        while self.epoch < cfg.train.epochs:
+        # a run resumed after early stopping has already finished: no extra epoch
+        stopped = self.bad_epochs >= cfg.train.patience
+        while self.epoch < cfg.train.epochs and not stopped:
             self.train_loader.dataset.set_epoch(self.epoch)
             t_epoch = time.perf_counter()
             finished = self._train_epoch()

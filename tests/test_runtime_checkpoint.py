@@ -288,3 +288,31 @@ def test_checkpoint_of_another_model_config_is_refused(runs: Path, tiny_dataset:
     same = _config(str(tiny_dataset), str(runs / "A"), "--sharding.default_type", "row_wise")
     assert ckpt_mod.fingerprint(same) == json.loads(
         (runs / "A" / "checkpoints" / "latest" / "meta.json").read_text())["fingerprint"]
+
+
+def _early_stop_twice(rank: int, world: int, port: int, data: str, tmp: str) -> None:
+    from genci_dist.trainer import Trainer
+
+    env = _init(rank, world, port)
+    try:
+        # lr 0: valid AUC never improves after epoch 0, so patience 1 stops after epoch 1
+        args = ("--train.epochs", "5", "--train.patience", "1", "--train.lr", "0",
+                "--sharding.sparse_lr", "0", "--model.dropout", "0.0",
+                "--checkpoint.every_n_steps", "0")
+        Trainer(_config(data, tmp, *args, "--checkpoint.resume", "never"), env).fit()
+        (Path(tmp) / "steps.first").write_text((Path(tmp) / "steps.jsonl").read_text())
+        Trainer(_config(data, tmp, *args, "--checkpoint.resume", "auto"), env).fit()
+    finally:
+        env.destroy()
+
+
+def test_rerunning_an_early_stopped_run_trains_no_further(tiny_dataset: Path,
+                                                          tmp_path: Path) -> None:
+    """Re-running a finished run's command (reproduce.sh continues unfinished runs that way)
+    resumes after early stopping and must not train another epoch."""
+    mp.spawn(_early_stop_twice, args=(1, _free_port(), str(tiny_dataset), str(tmp_path)),
+             nprocs=1, join=True)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert [r["epoch"] for r in metrics["history"]] == [0, 1]
+    assert metrics["best_epoch"] == 0
+    assert (tmp_path / "steps.jsonl").read_text() == (tmp_path / "steps.first").read_text()
