@@ -197,7 +197,8 @@ class _WorkerCache:
     """What one iterator (one worker) keeps between batches."""
 
     groups: dict[int, tuple[Rows, np.ndarray]] = field(default_factory=dict)  # by order k
-    files: dict[Path, pq.ParquetFile] = field(default_factory=dict)
+    # open files and the columns read from each
+    files: dict[Path, tuple[pq.ParquetFile, list[str]]] = field(default_factory=dict)
 
 
 class StreamingSplit(IterableDataset):
@@ -253,11 +254,11 @@ class StreamingSplit(IterableDataset):
                 if g.path not in cache.files:
                     if len(cache.files) >= 4:
                         del cache.files[next(iter(cache.files))]
-                    cache.files[g.path] = pq.ParquetFile(g.path)
-                pf = cache.files[g.path]
-                present = set(pf.schema_arrow.names)
-                table = pf.read_row_group(g.index, use_threads=False,
-                                          columns=[c for c in self.columns if c in present])
+                    pf = pq.ParquetFile(g.path)
+                    present = set(pf.schema_arrow.names)
+                    cache.files[g.path] = (pf, [c for c in self.columns if c in present])
+                pf, columns = cache.files[g.path]
+                table = pf.read_row_group(g.index, use_threads=False, columns=columns)
             except (pa.ArrowInvalid, OSError) as e:
                 raise DatasetError(f"{g.path}: row group {g.index} unreadable ({e})") from None
 

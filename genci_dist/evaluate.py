@@ -23,6 +23,12 @@ from genci_dist.distributed import DistEnv
 from genci_dist.metrics import MetricAccumulator, rela_impr
 
 
+def bf16_autocast(device: torch.device, enabled: bool) -> Any:
+    """train.autocast_bf16: forward passes under torch.autocast(bfloat16) (training,
+    validation and standalone evaluation alike)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
 @torch.no_grad()
 def evaluate_loader(model: torch.nn.Module, loader: Any, env: DistEnv,
                     predictions: list[dict[str, Any]] | None = None) -> dict[str, float]:
@@ -102,8 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         preds: list[dict[str, Any]] | None = [] if args.predictions else None
         # as the trainer's validation runs it (train.autocast_bf16 of the checkpoint's config,
         # or `--train.autocast_bf16 true` to score an fp32 checkpoint in bf16)
-        with torch.autocast(env.device.type, dtype=torch.bfloat16,
-                            enabled=cfg.train.autocast_bf16):
+        with bf16_autocast(env.device, cfg.train.autocast_bf16):
             metrics = evaluate_loader(model, loader, env, preds)
         metrics["autocast_bf16"] = cfg.train.autocast_bf16
         metrics = {"model": cfg.model.name, "split": args.split, "world_size": env.world_size,

@@ -23,7 +23,7 @@ from genci_dist.checkpoint import CheckpointManager
 from genci_dist.config import JobConfig, save_config
 from genci_dist.datasets import ensure_dataset
 from genci_dist.distributed import DistEnv
-from genci_dist.evaluate import evaluate_loader
+from genci_dist.evaluate import bf16_autocast, evaluate_loader
 from genci_dist.model.build import build_task, load_generation_assets
 from genci_dist.sharding import build_dmp, build_lr_scheduler, build_optimizer, describe_plan
 from genci_dist.steplog import ScalarWriter, StepTimer, format_step_line
@@ -98,8 +98,7 @@ class Trainer:
             bucket_window=d.bucket_window if shuffle else 0)
 
     def _autocast(self) -> Any:
-        return torch.autocast(self.env.device.type, dtype=torch.bfloat16,
-                              enabled=self.cfg.train.autocast_bf16)
+        return bf16_autocast(self.env.device, self.cfg.train.autocast_bf16)
 
     def _train_state(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "best_auc": self.best_auc,
