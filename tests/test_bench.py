@@ -95,3 +95,23 @@ def test_variant_parsing_and_summary() -> None:
     assert (a["variant"], a["samples_per_s"], a["best_samples_per_s"]) == ("a", 20.0, 30.0)
     assert (b["samples_per_s"], b["best_step_s"], b["speedup"]) == (40.0, 1 / 50.0, 2.0)
     assert b["split_s"] == {"data": 1 / 40.0} and b["repeat"] == "median"
+
+
+def test_reader_bench_counts_every_row_with_and_without_tokens(
+        capsys: pytest.CaptureFixture[str], tiny_dataset: Path) -> None:
+    """`python -m data_pipes.bench_reader --tokens both`: the raw scans and the reader (with
+    and without semantic-ID tokens) all count the split's rows from the Parquet metadata."""
+    import pyarrow.parquet as pq
+
+    from data_pipes import bench_reader
+    from data_pipes.stream import list_row_groups
+
+    rows = sum(pq.ParquetFile(g.path).metadata.row_group(g.index).num_rows
+               for g in list_row_groups(tiny_dataset, "train"))
+    assert bench_reader.main(["--data", str(tiny_dataset), "--workers", "0",
+                              "--batch-size", "16", "--repeats", "1", "--tokens", "both"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert [(x["bench"], x.get("tokens")) for x in lines] == [
+        ("raw_pyarrow_scan", None), ("raw_pyarrow_scan_open_once", None),
+        ("reader_with_batches", True), ("reader_with_batches", False)]
+    assert all(x["rows"] == rows for x in lines) and rows > 0
