@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"reader yielded {[r[0] for r in runs]} rows, the split has {rows}")
         line = {"bench": "reader_with_batches", "workers": w, "tokens": tokens,
                 "batch_size": args.batch_size, "bucket_window": args.bucket_window,
-                "rows": runs[0][0], "seconds": round(wall, 3), "rows_per_s": round(rows / wall),
+                "rows": rows, "seconds": round(wall, 3), "rows_per_s": round(rows / wall),
                 "ratio_to_raw": round(raw_wall / wall, 3),
                 "ratio_to_raw_open_once": round(once_wall / wall, 3)}
         if w == 0:

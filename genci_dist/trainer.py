@@ -196,9 +196,8 @@ class Trainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         self._last_train: dict[str, float] = {}
-        # a run resumed after early stopping has already finished: no extra epoch
-        stopped = self.bad_epochs >= cfg.train.patience
-        while self.epoch < cfg.train.epochs and not stopped:
+        # checked before every epoch, so a run resumed after early stopping trains no more
+        while self.epoch < cfg.train.epochs and self.bad_epochs < cfg.train.patience:
             self.train_loader.dataset.set_epoch(self.epoch)
             t_epoch = time.perf_counter()
             finished = self._train_epoch()
@@ -220,7 +219,7 @@ class Trainer:
             if finished:  # stopped by max_steps mid-epoch: a resume continues this epoch
                 self.epoch += 1
             self._save(metric=valid["auc"])
-            if not finished or self.bad_epochs >= cfg.train.patience:
+            if not finished:
                 break
         return self._finish(time.perf_counter() - t0)
 
