@@ -69,9 +69,21 @@ def resolve(path: str | Path) -> Path:
     raise FileNotFoundError(f"{path}: no checkpoint (no .metadata, best or latest) found")
 
 
+# Model fields that choose only how the same function is computed (attention kernel, blocks,
+# slices, shared or absorbed work). A checkpoint resumes or evaluates under any setting of
+# them, including one a newer version added (an older checkpoint's fingerprint lacks it).
+EXECUTION_FIELDS = frozenset({"attention", "attention_block", "generator_chunk",
+                              "dedup_histories", "absorb_cross_attention", "reuse_cross_kv"})
+
+
+def _identity(fp: dict[str, Any]) -> dict[str, Any]:
+    return {**fp, "model": {k: v for k, v in fp["model"].items() if k not in EXECUTION_FIELDS}}
+
+
 def fingerprint(cfg: JobConfig) -> dict[str, Any]:
-    """What must match for a checkpoint to load: the model section and the dataset."""
-    return {"model": to_plain(cfg.model), "data_dir": cfg.data.dir}
+    """What must match for a checkpoint to load: the model section (its execution-only
+    fields aside) and the dataset."""
+    return _identity({"model": to_plain(cfg.model), "data_dir": cfg.data.dir})
 
 
 class CheckpointManager:
@@ -137,7 +149,7 @@ class CheckpointManager:
     # ---- load ---------------------------------------------------------------------------
     def _check(self, ckpt: Path, config: JobConfig, semantic_hash: str) -> dict[str, Any]:
         meta = json.loads((ckpt / META).read_text())
-        if meta["fingerprint"] != fingerprint(config):
+        if _identity(meta["fingerprint"]) != fingerprint(config):
             raise ConfigError(f"{ckpt}: checkpoint was written by another model config or "
                               f"dataset ({meta['fingerprint']} vs {fingerprint(config)})")
         if meta.get("semantic_hash", "") != semantic_hash:

@@ -290,6 +290,28 @@ def test_checkpoint_of_another_model_config_is_refused(runs: Path, tiny_dataset:
         (runs / "A" / "checkpoints" / "latest" / "meta.json").read_text())["fingerprint"]
 
 
+def test_execution_only_model_fields_do_not_block_a_resume(runs: Path, tiny_dataset: Path
+                                                           ) -> None:
+    """Another attention kernel, block, slice size or cross-attention form computes the same
+    function: A's checkpoint loads under them, also when its stored fingerprint has fields a
+    later version dropped from it or lacks fields a later version added."""
+    meta_path = runs / "A" / "checkpoints" / "latest" / "meta.json"
+    env = DistEnv(0, 1, 0, 1, torch.device("cpu"), None, None)
+    mgr = CheckpointManager(runs / "A" / "checkpoints", env)
+    other = _config(str(tiny_dataset), str(runs / "A"), "--model.attention", "eager",
+                    "--model.attention_block", "2", "--model.generator_chunk", "3",
+                    "--model.absorb_cross_attention", "false", "--model.reuse_cross_kv", "true")
+    ckpt = ckpt_mod.resolve(runs / "A" / "checkpoints" / "latest")
+    assert mgr._check(ckpt, other, json.loads(meta_path.read_text())["semantic_hash"])
+    stored = json.loads(meta_path.read_text())["fingerprint"]
+    assert not ckpt_mod.EXECUTION_FIELDS & stored["model"].keys()
+    older = {**stored, "model": {**stored["model"], "attention": "sdpa",
+                                 "reuse_cross_kv": False}}     # an older, fuller fingerprint
+    assert ckpt_mod._identity(older) == ckpt_mod.fingerprint(other)
+    changed = {**older, "model": {**older["model"], "d_model": 999}}
+    assert ckpt_mod._identity(changed) != ckpt_mod.fingerprint(other)
+
+
 def _early_stop_twice(rank: int, world: int, port: int, data: str, tmp: str) -> None:
     from genci_dist.trainer import Trainer
 

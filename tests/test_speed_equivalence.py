@@ -16,7 +16,7 @@ from transformers import T5Config, T5ForConditionalGeneration
 from data_pipes.batch import Batch
 from genci_dist.model.bench import FEATURES, random_assets, random_batch
 from genci_dist.model.config import ModelConfig
-from genci_dist.model.t5_attention import register
+from genci_dist.model.t5_attention import AbsorbedCrossAttention, absorb_cross_attention, register
 from genci_dist.model.task import GenCITask
 
 CFG = ModelConfig(d_model=16, d_ff=16, num_encoder_layers=2, num_decoder_layers=2,
@@ -24,14 +24,18 @@ CFG = ModelConfig(d_model=16, d_ff=16, num_encoder_layers=2, num_decoder_layers=
                   deepfm_dropout=0.0, mlp=(16,), deepfm_mlp=(8,))
 
 
-def t5(impl: str, block: int = 0, dropout: float = 0.0) -> T5ForConditionalGeneration:
+def t5(impl: str, block: int = 0, dropout: float = 0.0,
+       absorb: bool = False) -> T5ForConditionalGeneration:
     torch.manual_seed(0)
     c = T5Config(vocab_size=40, d_model=16, d_ff=16, d_kv=8, num_layers=2,
                  num_decoder_layers=2, num_heads=2, dropout_rate=dropout,
                  feed_forward_proj="relu", decoder_start_token_id=0,
                  genci_attention_block=block)
     c._attn_implementation = register() if impl == "genci_t5" else impl
-    return T5ForConditionalGeneration(c).double()
+    model = T5ForConditionalGeneration(c)
+    if absorb:
+        absorb_cross_attention(model)
+    return model.double()
 
 
 def grads(model: nn.Module) -> dict[str, Tensor]:
@@ -87,6 +91,72 @@ def test_genci_t5_kernel_with_dropout_and_without_grad_matches_eager() -> None:
     assert gb.keys() == ga.keys()
 
 
+@pytest.mark.parametrize("impl", ["eager", "genci_t5", "sdpa"])
+def test_absorbed_cross_attention_equals_eager_in_float64(impl: str) -> None:
+    """The decoder's cross-attention with its key/value projections moved onto the queries
+    gives eager's loss and every gradient (float64, to 1e-9), with padded encoder rows and a
+    row of one visible token; the parameters are the same tensors under the same names."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 40, (6, 10), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    mask[4, 1:] = 0
+    ids[mask == 0] = 0
+    dec = torch.randint(1, 40, (6, 4), generator=g)
+    ref_model = t5("eager")
+    model = t5(impl, 3, absorb=True)
+    assert all(isinstance(b.layer[1].EncDecAttention, AbsorbedCrossAttention)
+               for b in model.decoder.block)
+    assert model.state_dict().keys() == ref_model.state_dict().keys()
+    for (n, a), b in zip(model.state_dict().items(), ref_model.state_dict().values(),
+                         strict=True):
+        assert torch.equal(a, b), n       # installing it drew no random numbers
+    ref_loss, ref = run_t5(ref_model, ids, mask, dec)
+    loss, got = run_t5(model, ids, mask, dec)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+    assert got.keys() == ref.keys()
+    assert "decoder.block.1.layer.1.EncDecAttention.k.weight" in got
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-9, atol=1e-11, msg=name)
+    # incremental decoding with a cache (generation) gives the same last-step logits
+    with torch.no_grad():
+        enc = model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        out = model(encoder_outputs=(enc,), attention_mask=mask, decoder_input_ids=dec[:, :3],
+                    use_cache=True)
+        step = model(encoder_outputs=(enc,), attention_mask=mask, decoder_input_ids=dec[:, 3:],
+                     past_key_values=out.past_key_values, use_cache=True).logits
+        full = ref_model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+    torch.testing.assert_close(step[:, -1], full[:, -1], rtol=1e-10, atol=1e-10)
+
+
+def test_absorbed_cross_attention_keeps_the_tasks_loss_gradients_and_codes() -> None:
+    """GenCI with and without absorbed cross-attention (float32, the training dtype): the same
+    loss and gradients, and generation picks the same codes at beam 1 and beam 3."""
+    a_task, batch = task_and_batch(7, beam_width=3, absorb_cross_attention=True)
+    b_task, _ = task_and_batch(7, beam_width=3, absorb_cross_attention=False)
+    with torch.no_grad():
+        for task in (a_task, b_task):
+            task.eval()
+        enc, mask = a_task.generator.encode(batch.history_tokens)
+        for beam in (1, 3):
+            ca, sa = a_task.generator.beam_search(enc, mask, a_task.trie, beam)
+            cb, sb = b_task.generator.beam_search(enc, mask, b_task.trie, beam)
+            assert torch.equal(ca, cb)
+            torch.testing.assert_close(sa, sb, rtol=1e-5, atol=1e-6)
+    a_task.train()
+    b_task.train()
+    a, b = loss_and_grads(a_task, batch), loss_and_grads(b_task, batch)
+    torch.testing.assert_close(a[0], b[0], rtol=1e-6, atol=1e-7)
+    assert a[1].keys() == b[1].keys()
+    for name in b[1]:
+        torch.testing.assert_close(a[1][name], b[1][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_reusing_cross_kv_needs_projected_cross_attention() -> None:
+    with pytest.raises(ValueError, match="absorb_cross_attention"):
+        dataclasses.replace(CFG, reuse_cross_kv=True, absorb_cross_attention=True)
+
+
 def task_and_batch(seed: int, **overrides: object) -> tuple[GenCITask, Batch]:
     assets = random_assets(60, 3, 4, seed)
     torch.manual_seed(seed)
@@ -130,7 +200,7 @@ def test_padding_width_does_not_change_loss_or_gradients() -> None:
 
 
 def test_generation_reusing_cross_kv_equals_recomputing() -> None:
-    task, batch = task_and_batch(4, beam_width=3)
+    task, batch = task_and_batch(4, beam_width=3, absorb_cross_attention=False)
     gen = task.generator.eval()
     with torch.no_grad():
         enc, mask = gen.encode(batch.history_tokens)
@@ -148,7 +218,7 @@ def test_generation_reusing_cross_kv_equals_recomputing() -> None:
     # and the whole task gives the same loss and gradients either way
     task.train()
     a = loss_and_grads(task, batch)
-    task_b, _ = task_and_batch(4, beam_width=3, reuse_cross_kv=False)
+    task_b, _ = task_and_batch(4, beam_width=3, absorb_cross_attention=False)
     task_b.train()
     b = loss_and_grads(task_b, batch)
     torch.testing.assert_close(a[0], b[0], rtol=1e-6, atol=1e-7)

@@ -32,11 +32,16 @@ class ModelConfig:
     of a batch (0 = whole batch). Per-sample maths, so exact; large batches otherwise lose
     ~25 % per sample to cache misses on this CPU (1×1024 vs 4×256, history 50)."""
     dedup_histories: bool = False
+    """Encode each distinct history of a batch once and share its encoder output."""
+    absorb_cross_attention: bool = True
+    """The decoder's cross-attention maps its few queries into the encoder's d_model space
+    instead of projecting every encoder token to keys and values (model/t5_attention.py
+    `AbsorbedCrossAttention`; same parameters and function, sums in another order)."""
     reuse_cross_kv: bool = False
-    """Generation reuses the teacher-forced decoder's cross-attention keys/values. Exact, but
+    """Generation reuses the teacher-forced decoder's cross-attention keys/values (only with
+    absorb_cross_attention = false: absorbed cross-attention has no keys/values). Exact, but
     measured no faster at beam 1 (genci-bench: 116 → 110 samples/s, ML-1M, batch 256): the
     cached decoder pass costs what the three generation steps save. Off by default."""
-    """Encode each distinct history of a batch once and share its encoder output."""
     beam_width: int = 1
     """Constrained beam search width (1 = greedy, the official setting)."""
     ntp_on: Literal["positive", "all"] = "positive"
@@ -67,6 +72,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.d_model % self.attn_heads:
             raise ValueError("model.d_model must be divisible by model.attn_heads")
+        if self.reuse_cross_kv and self.absorb_cross_attention:
+            raise ValueError("model.reuse_cross_kv needs model.absorb_cross_attention = false "
+                             "(absorbed cross-attention computes no keys/values to reuse)")
         if self.beam_width < 1:
             raise ValueError("model.beam_width must be >= 1")
         if self.name == "genci" and not (self.use_st_intent or self.use_lt_intent):

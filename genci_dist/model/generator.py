@@ -16,7 +16,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from data_pipes.schema import TokenVocab
 from genci_dist.model.config import ModelConfig
-from genci_dist.model.t5_attention import register
+from genci_dist.model.t5_attention import absorb_cross_attention, register
 from genci_dist.tokenizer.trie import SemanticIdTrie
 
 
@@ -28,7 +28,10 @@ def build_t5(cfg: ModelConfig, vocab: TokenVocab) -> T5ForConditionalGeneration:
                      pad_token_id=0, decoder_start_token_id=0, eos_token_id=0,
                      genci_attention_block=cfg.attention_block)
     t5cfg._attn_implementation = register() if cfg.attention == "genci_t5" else cfg.attention
-    return T5ForConditionalGeneration(t5cfg)
+    t5 = T5ForConditionalGeneration(t5cfg)
+    if cfg.absorb_cross_attention:
+        absorb_cross_attention(t5)
+    return t5
 
 
 class Generator(nn.Module):
