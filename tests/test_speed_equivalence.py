@@ -168,13 +168,7 @@ def test_absorbed_cross_attention_keeps_the_tasks_loss_gradients_and_codes() -> 
             cb, sb = b_task.generator.beam_search(enc, mask, b_task.trie, beam)
             assert torch.equal(ca, cb)
             torch.testing.assert_close(sa, sb, rtol=1e-5, atol=1e-6)
-    a_task.train()
-    b_task.train()
-    a, b = loss_and_grads(a_task, batch), loss_and_grads(b_task, batch)
-    torch.testing.assert_close(a[0], b[0], rtol=1e-6, atol=1e-7)
-    assert a[1].keys() == b[1].keys()
-    for name in b[1]:
-        torch.testing.assert_close(a[1][name], b[1][name], rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_step(a_task, b_task, batch, atol=1e-6)
 
 
 def test_reusing_cross_kv_needs_projected_cross_attention() -> None:
@@ -210,22 +204,30 @@ def loss_and_grads(task: GenCITask, batch: Batch) -> tuple[Tensor, dict[str, Ten
     return loss.detach(), grads(task)
 
 
+def assert_same_step(task: GenCITask, ref: GenCITask, batch: Batch, ref_batch: Batch | None = None,
+                     atol: float = 1e-7) -> None:
+    """A training step of `task` on `batch` gives `ref`'s loss and every gradient on
+    `ref_batch` (default: the same batch); float32 tolerances, rtol 1e-6 / 1e-5."""
+    task.train()
+    ref.train()
+    got = loss_and_grads(task, batch)
+    want = loss_and_grads(ref, batch if ref_batch is None else ref_batch)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-7)
+    assert got[1].keys() == want[1].keys()
+    for name in want[1]:
+        torch.testing.assert_close(got[1][name], want[1][name], rtol=1e-5, atol=atol, msg=name)
+
+
 def test_padding_width_does_not_change_loss_or_gradients() -> None:
     """Length bucketing only changes how far a batch is padded: the loss and all gradients
     agree (float32: rtol 1e-5, atol 1e-7) between the natural width and 9 extra padded items."""
     task, batch = task_and_batch(3)
-    task.train()
-    narrow = loss_and_grads(task, batch)
-    wide = loss_and_grads(task, widen(batch, 9))
-    torch.testing.assert_close(wide[0], narrow[0], rtol=1e-6, atol=1e-7)
-    assert wide[1].keys() == narrow[1].keys()
-    for name in narrow[1]:
-        torch.testing.assert_close(wide[1][name], narrow[1][name], rtol=1e-5, atol=1e-7,
-                                   msg=name)
+    assert_same_step(task, task, widen(batch, 9), batch)
 
 
 def test_generation_reusing_cross_kv_equals_recomputing() -> None:
-    task, batch = task_and_batch(4, beam_width=3, absorb_cross_attention=False)
+    task, batch = task_and_batch(4, beam_width=3, absorb_cross_attention=False,
+                                 reuse_cross_kv=True)
     gen = task.generator.eval()
     with torch.no_grad():
         enc, mask = gen.encode(batch.history_tokens)
@@ -241,14 +243,9 @@ def test_generation_reusing_cross_kv_equals_recomputing() -> None:
         other = gen.beam_search(enc, mask, task.trie, 3, cross_kv=junk)
         assert not torch.equal(other[1], plain[1])
     # and the whole task gives the same loss and gradients either way
-    task.train()
-    a = loss_and_grads(task, batch)
     task_b, _ = task_and_batch(4, beam_width=3, absorb_cross_attention=False)
-    task_b.train()
-    b = loss_and_grads(task_b, batch)
-    torch.testing.assert_close(a[0], b[0], rtol=1e-6, atol=1e-7)
-    for name in a[1]:
-        torch.testing.assert_close(a[1][name], b[1][name], rtol=1e-5, atol=1e-7, msg=name)
+    assert task.cfg.reuse_cross_kv and not task_b.cfg.reuse_cross_kv
+    assert_same_step(task, task_b, batch)
 
 
 def test_encoding_identical_histories_once_is_exact() -> None:
@@ -264,12 +261,7 @@ def test_encoding_identical_histories_once_is_exact() -> None:
     torch.testing.assert_close(enc, enc_ref, rtol=1e-6, atol=1e-6)
     assert torch.equal(mask, mask_ref)
     assert torch.equal(enc[0], enc[2]) and torch.equal(enc[1], enc[4])
-    task.train()
-    ref.train()
-    a, b = loss_and_grads(task, batch), loss_and_grads(ref, batch)
-    torch.testing.assert_close(a[0], b[0], rtol=1e-6, atol=1e-7)
-    for name in b[1]:
-        torch.testing.assert_close(a[1][name], b[1][name], rtol=1e-5, atol=1e-7, msg=name)
+    assert_same_step(task, ref, batch)
 
 
 @pytest.mark.parametrize("chunk", [1, 5])
@@ -278,10 +270,4 @@ def test_generator_chunks_give_the_same_loss_and_gradients(chunk: int) -> None:
     batch (12 samples here, slices of 1 and of 5 with a short last one)."""
     whole, batch = task_and_batch(6, generator_chunk=0, beam_width=2)
     sliced, _ = task_and_batch(6, generator_chunk=chunk, beam_width=2)
-    whole.train()
-    sliced.train()
-    a, b = loss_and_grads(whole, batch), loss_and_grads(sliced, batch)
-    torch.testing.assert_close(b[0], a[0], rtol=1e-6, atol=1e-7)
-    assert a[1].keys() == b[1].keys()
-    for name in a[1]:
-        torch.testing.assert_close(b[1][name], a[1][name], rtol=1e-5, atol=1e-7, msg=name)
+    assert_same_step(sliced, whole, batch)
