@@ -51,6 +51,11 @@ def genci_t5_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
         # defensive: a boolean "attend" mask → eager's additive float mask
         attention_mask = torch.zeros_like(attention_mask, dtype=query.dtype).masked_fill_(
             ~attention_mask, torch.finfo(query.dtype).min)
+    if (attention_mask is not None and not getattr(module, "is_decoder", True)
+            and attention_mask.dim() == 4 and attention_mask.shape[2] > 1):
+        # The encoder's mask only masks padded keys: eager_mask repeats one row for every
+        # query. Its first row (a view) broadcasts to the same sums and is 1/Sq of the reads.
+        attention_mask = attention_mask[:, :, :1]
     p = dropout if module.training else 0.0
     block = getattr(module.config, "genci_attention_block", 0)
     b, h, sq, _ = query.shape
