@@ -32,6 +32,7 @@ from torchrec.distributed.types import ShardingPlan
 from genci_dist.config import JobConfig, load_config
 from genci_dist.config_loader import ConfigError, to_plain
 from genci_dist.distributed import DistEnv
+from genci_dist.model.config import ModelConfig
 from genci_dist.sharding import plan_to_dict
 
 META = "meta.json"
@@ -69,15 +70,10 @@ def resolve(path: str | Path) -> Path:
     raise FileNotFoundError(f"{path}: no checkpoint (no .metadata, best or latest) found")
 
 
-# Model fields that choose only how the same function is computed (attention kernel, blocks,
-# slices, shared or absorbed work). A checkpoint resumes or evaluates under any setting of
-# them, including one a newer version added (an older checkpoint's fingerprint lacks it).
-EXECUTION_FIELDS = frozenset({"attention", "attention_block", "generator_chunk",
-                              "dedup_histories", "absorb_cross_attention", "reuse_cross_kv"})
-
-
 def _identity(fp: dict[str, Any]) -> dict[str, Any]:
-    return {**fp, "model": {k: v for k, v in fp["model"].items() if k not in EXECUTION_FIELDS}}
+    """A fingerprint without the model's execution-only fields (also an older, fuller one)."""
+    skip = ModelConfig.EXECUTION_FIELDS
+    return {**fp, "model": {k: v for k, v in fp["model"].items() if k not in skip}}
 
 
 def fingerprint(cfg: JobConfig) -> dict[str, Any]:
@@ -149,9 +145,10 @@ class CheckpointManager:
     # ---- load ---------------------------------------------------------------------------
     def _check(self, ckpt: Path, config: JobConfig, semantic_hash: str) -> dict[str, Any]:
         meta = json.loads((ckpt / META).read_text())
-        if _identity(meta["fingerprint"]) != fingerprint(config):
+        expected = fingerprint(config)
+        if _identity(meta["fingerprint"]) != expected:
             raise ConfigError(f"{ckpt}: checkpoint was written by another model config or "
-                              f"dataset ({meta['fingerprint']} vs {fingerprint(config)})")
+                              f"dataset ({meta['fingerprint']} vs {expected})")
         if meta.get("semantic_hash", "") != semantic_hash:
             raise ConfigError(f"{ckpt}: checkpoint used semantic IDs {meta['semantic_hash']!r}, "
                               f"the dataset now has {semantic_hash!r}")

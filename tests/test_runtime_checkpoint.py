@@ -31,6 +31,7 @@ from genci_dist.config import ConfigError, JobConfig, load_config
 from genci_dist.distributed import DistEnv
 from genci_dist.evaluate import evaluate_loader
 from genci_dist.model.build import build_task
+from genci_dist.model.config import ModelConfig
 
 K_STOP = 2        # run B stops here (a checkpoint every 2 steps)
 TOTAL = 7         # 5 steps per epoch (270 rows, 2 × 32): the resumed part crosses an epoch end
@@ -302,9 +303,10 @@ def test_execution_only_model_fields_do_not_block_a_resume(runs: Path, tiny_data
                     "--model.attention_block", "2", "--model.generator_chunk", "3",
                     "--model.absorb_cross_attention", "false", "--model.reuse_cross_kv", "true")
     ckpt = ckpt_mod.resolve(runs / "A" / "checkpoints" / "latest")
-    assert mgr._check(ckpt, other, json.loads(meta_path.read_text())["semantic_hash"])
-    stored = json.loads(meta_path.read_text())["fingerprint"]
-    assert not ckpt_mod.EXECUTION_FIELDS & stored["model"].keys()
+    meta = json.loads(meta_path.read_text())
+    assert mgr._check(ckpt, other, meta["semantic_hash"])
+    stored = meta["fingerprint"]
+    assert not ModelConfig.EXECUTION_FIELDS & stored["model"].keys()
     older = {**stored, "model": {**stored["model"], "attention": "sdpa",
                                  "reuse_cross_kv": False}}     # an older, fuller fingerprint
     assert ckpt_mod._identity(older) == ckpt_mod.fingerprint(other)

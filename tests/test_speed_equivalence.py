@@ -51,24 +51,40 @@ def run_t5(model: T5ForConditionalGeneration, ids: Tensor, mask: Tensor,
     return loss.detach(), grads(model)
 
 
-@pytest.mark.parametrize("block", [0, 1, 3, 64])
-def test_genci_t5_kernel_equals_eager_in_float64(block: int) -> None:
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(1, 40, (7, 11), generator=g)
+def t5_inputs(seed: int, b: int, s: int, pad_from: dict[int, int]
+              ) -> tuple[Tensor, Tensor, Tensor]:
+    """(encoder ids [b, s], attention mask, decoder ids [b, 4]); row r is padded from
+    position pad_from[r] on (ids 0 there)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 40, (b, s), generator=g)
     mask = torch.ones_like(ids)
-    mask[1, 4:] = 0
-    mask[5, 1:] = 0            # one visible token
-    # (no fully masked row: the model never builds one — an empty history is one visible pad
-    # token — and there transformers' own sdpa already differs from eager in its gradients)
+    for row, start in pad_from.items():
+        mask[row, start:] = 0
     ids[mask == 0] = 0
-    dec = torch.randint(1, 40, (7, 4), generator=g)
-    ref_loss, ref = run_t5(t5("eager"), ids, mask, dec)
-    loss, got = run_t5(t5("genci_t5", block), ids, mask, dec)
+    return ids, mask, torch.randint(1, 40, (b, 4), generator=g)
+
+
+def assert_same_t5_step(model: T5ForConditionalGeneration, ref_model: T5ForConditionalGeneration,
+                        ids: Tensor, mask: Tensor, dec: Tensor) -> dict[str, Tensor]:
+    """`model` gives `ref_model`'s loss (to 1e-12) and every gradient (rtol 1e-9, atol 1e-11)
+    in float64; returns the gradients by name."""
+    ref_loss, ref = run_t5(ref_model, ids, mask, dec)
+    loss, got = run_t5(model, ids, mask, dec)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
     assert got.keys() == ref.keys()
-    assert "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight" in got
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], rtol=1e-9, atol=1e-11, msg=name)
+    return got
+
+
+@pytest.mark.parametrize("block", [0, 1, 3, 64])
+def test_genci_t5_kernel_equals_eager_in_float64(block: int) -> None:
+    # row 5 has one visible token. (No fully masked row: the model never builds one — an
+    # empty history is one visible pad token — and there transformers' own sdpa already
+    # differs from eager in its gradients.)
+    ids, mask, dec = t5_inputs(1, 7, 11, {1: 4, 5: 1})
+    got = assert_same_t5_step(t5("genci_t5", block), t5("eager"), ids, mask, dec)
+    assert "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight" in got
 
 
 def test_genci_t5_kernel_under_bf16_autocast_is_as_accurate_as_eager() -> None:
@@ -76,12 +92,7 @@ def test_genci_t5_kernel_under_bf16_autocast_is_as_accurate_as_eager() -> None:
     to float32 for bias, mask and softmax: its logits stay as close to the float64 model as
     transformers' eager T5 under the same autocast (measured: max 0.025 vs 0.022, mean 0.0041
     vs 0.0042)."""
-    g = torch.Generator().manual_seed(4)
-    ids = torch.randint(1, 40, (16, 24), generator=g)
-    mask = torch.ones_like(ids)
-    mask[3, 10:] = 0
-    ids[mask == 0] = 0
-    dec = torch.randint(1, 40, (16, 4), generator=g)
+    ids, mask, dec = t5_inputs(4, 16, 24, {3: 10})
     with torch.no_grad():
         ref = t5("eager")(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
     errors = {}
@@ -121,13 +132,7 @@ def test_absorbed_cross_attention_equals_eager_in_float64(impl: str) -> None:
     """The decoder's cross-attention with its key/value projections moved onto the queries
     gives eager's loss and every gradient (float64, to 1e-9), with padded encoder rows and a
     row of one visible token; the parameters are the same tensors under the same names."""
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(1, 40, (6, 10), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, 6:] = 0
-    mask[4, 1:] = 0
-    ids[mask == 0] = 0
-    dec = torch.randint(1, 40, (6, 4), generator=g)
+    ids, mask, dec = t5_inputs(3, 6, 10, {1: 6, 4: 1})
     ref_model = t5("eager")
     model = t5(impl, 3, absorb=True)
     assert all(isinstance(b.layer[1].EncDecAttention, AbsorbedCrossAttention)
@@ -136,13 +141,8 @@ def test_absorbed_cross_attention_equals_eager_in_float64(impl: str) -> None:
     for (n, a), b in zip(model.state_dict().items(), ref_model.state_dict().values(),
                          strict=True):
         assert torch.equal(a, b), n       # installing it drew no random numbers
-    ref_loss, ref = run_t5(ref_model, ids, mask, dec)
-    loss, got = run_t5(model, ids, mask, dec)
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
-    assert got.keys() == ref.keys()
+    got = assert_same_t5_step(model, ref_model, ids, mask, dec)
     assert "decoder.block.1.layer.1.EncDecAttention.k.weight" in got
-    for name in ref:
-        torch.testing.assert_close(got[name], ref[name], rtol=1e-9, atol=1e-11, msg=name)
     # incremental decoding with a cache (generation) gives the same last-step logits
     with torch.no_grad():
         enc = model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 
 @dataclass(frozen=True)
 class ModelConfig:
+    EXECUTION_FIELDS: ClassVar[frozenset[str]] = frozenset({
+        "attention", "attention_block", "generator_chunk", "dedup_histories",
+        "absorb_cross_attention", "reuse_cross_kv"})
+    """Fields that choose only how the same function is computed (kernel, blocks, slices,
+    shared or absorbed work): a checkpoint resumes or evaluates under any setting of them,
+    including fields a newer version added (genci_dist/checkpoint.py `fingerprint`)."""
+
     name: Literal["genci", "deepfm", "dcnv2", "din"] = "genci"
     embedding_dim: int = 16
     """e: width of every raw-feature embedding."""

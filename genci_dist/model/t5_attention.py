@@ -41,16 +41,21 @@ BLOCK_BYTES = 64 << 20
 gradient (evaluation): SDPA would first materialise bias + mask as one B×H×Sq×Sk tensor."""
 
 
+def _additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """Eager's additive float mask (0 / dtype-min); a boolean "attend" mask is converted
+    (defensive: the masks registered here are already float)."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros_like(mask, dtype=dtype).masked_fill_(~mask, torch.finfo(dtype).min)
+
+
 def genci_t5_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                        attention_mask: Tensor | None, scaling: float | None = None,
                        dropout: float = 0.0, position_bias: Tensor | None = None,
                        **_: object) -> tuple[Tensor, None]:
     """q [B, H, Sq, D], k/v [B, H, Sk, D]; bias [1|B, H, Sq, Sk]; mask float [B, 1, Sq, Sk]."""
     scale = 1.0 if scaling is None else scaling
-    if attention_mask is not None and attention_mask.dtype == torch.bool:
-        # defensive: a boolean "attend" mask → eager's additive float mask
-        attention_mask = torch.zeros_like(attention_mask, dtype=query.dtype).masked_fill_(
-            ~attention_mask, torch.finfo(query.dtype).min)
+    attention_mask = _additive(attention_mask, query.dtype)
     if (attention_mask is not None and not getattr(module, "is_decoder", True)
             and attention_mask.dim() == 4 and attention_mask.shape[2] > 1):
         # The encoder's mask only masks padded keys: eager_mask repeats one row for every
@@ -184,9 +189,7 @@ class AbsorbedCrossAttention(T5Attention):
         q = torch.bmm(q, self.k.weight.view(h, dk, d))                   # [H, B·Sq, d]
         q = q.view(h, b, sq, d).permute(1, 0, 2, 3).reshape(b, h * sq, d)
         scores = torch.bmm(q, enc.transpose(1, 2)).view(b, h, sq, -1)
-        if mask is not None and mask.dtype == torch.bool:
-            mask = torch.zeros_like(mask, dtype=scores.dtype).masked_fill_(
-                ~mask, torch.finfo(scores.dtype).min)
+        mask = _additive(mask, scores.dtype)
         if position_bias is not None:
             scores = scores + position_bias
         if mask is not None:
