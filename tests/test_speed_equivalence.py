@@ -24,13 +24,13 @@ CFG = ModelConfig(d_model=16, d_ff=16, num_encoder_layers=2, num_decoder_layers=
                   deepfm_dropout=0.0, mlp=(16,), deepfm_mlp=(8,))
 
 
-def t5(impl: str, block: int = 0, dropout: float = 0.0,
-       absorb: bool = False) -> T5ForConditionalGeneration:
+def t5(impl: str, block: int = 0, dropout: float = 0.0, absorb: bool = False,
+       keep: bool = True) -> T5ForConditionalGeneration:
     torch.manual_seed(0)
     c = T5Config(vocab_size=40, d_model=16, d_ff=16, d_kv=8, num_layers=2,
                  num_decoder_layers=2, num_heads=2, dropout_rate=dropout,
                  feed_forward_proj="relu", decoder_start_token_id=0,
-                 genci_attention_block=block)
+                 genci_attention_block=block, genci_attention_keep_probs=keep)
     c._attn_implementation = register() if impl == "genci_t5" else impl
     model = T5ForConditionalGeneration(c)
     if absorb:
@@ -77,13 +77,15 @@ def assert_same_t5_step(model: T5ForConditionalGeneration, ref_model: T5ForCondi
     return got
 
 
-@pytest.mark.parametrize("block", [0, 1, 3, 64])
-def test_genci_t5_kernel_equals_eager_in_float64(block: int) -> None:
+@pytest.mark.parametrize(("block", "keep"), [(0, True), (1, True), (3, True), (64, True),
+                                           (1, False), (3, False), (64, False)])
+def test_genci_t5_kernel_equals_eager_in_float64(block: int, keep: bool) -> None:
     # row 5 has one visible token. (No fully masked row: the model never builds one — an
     # empty history is one visible pad token — and there transformers' own sdpa already
-    # differs from eager in its gradients.)
+    # differs from eager in its gradients.) keep: probabilities stored for backward or
+    # recomputed there.
     ids, mask, dec = t5_inputs(1, 7, 11, {1: 4, 5: 1})
-    got = assert_same_t5_step(t5("genci_t5", block), t5("eager"), ids, mask, dec)
+    got = assert_same_t5_step(t5("genci_t5", block, keep=keep), t5("eager"), ids, mask, dec)
     assert "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight" in got
 
 
@@ -105,6 +107,23 @@ def test_genci_t5_kernel_under_bf16_autocast_is_as_accurate_as_eager() -> None:
     assert errors["genci_t5"][0] <= 1.5 * errors["eager"][0], errors
     assert errors["genci_t5"][1] <= 1.2 * errors["eager"][1], errors
     assert errors["eager"][1] > 1e-4, errors            # bf16 really was in use
+
+
+def test_kept_probabilities_give_the_recomputed_gradients_bit_for_bit() -> None:
+    """Under bf16 autocast (the ML-1M run's setting) storing the probabilities for backward
+    changes no bit of the loss or of any gradient: the same `_block` computes them."""
+    ids, mask, dec = t5_inputs(6, 12, 20, {2: 7, 9: 1})
+    steps = {}
+    for keep in (True, False):
+        model = t5("genci_t5", 4, keep=keep).float().train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            steps[keep] = run_t5(model, ids, mask, dec)
+    (loss_k, grads_k), (loss_r, grads_r) = steps[True], steps[False]
+    assert torch.equal(loss_k, loss_r)
+    assert grads_k.keys() == grads_r.keys()
+    assert all(torch.equal(grads_k[n], grads_r[n]) for n in grads_r)
+    assert grads_k["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].abs(
+    ).sum() > 0
 
 
 def test_genci_t5_kernel_with_dropout_and_without_grad_matches_eager() -> None:

@@ -26,7 +26,8 @@ def build_t5(cfg: ModelConfig, vocab: TokenVocab) -> T5ForConditionalGeneration:
                      num_decoder_layers=cfg.num_decoder_layers, num_heads=cfg.num_heads,
                      dropout_rate=cfg.t5_dropout, feed_forward_proj="relu",
                      pad_token_id=0, decoder_start_token_id=0, eos_token_id=0,
-                     genci_attention_block=cfg.attention_block)
+                     genci_attention_block=cfg.attention_block,
+                     genci_attention_keep_probs=cfg.attention_keep_probs)
     t5cfg._attn_implementation = register() if cfg.attention == "genci_t5" else cfg.attention
     t5 = T5ForConditionalGeneration(t5cfg)
     if cfg.absorb_cross_attention:
