@@ -118,7 +118,7 @@ def run_rank(spec: RunSpec, run_dir: str) -> list[dict[str, Any]] | None:
     from genci_dist.trainer import Trainer
 
     cfg = load_spec_config(spec, run_dir)
-    env = DistEnv.init(cfg.train.device, require_pg=True)
+    env = DistEnv.init(cfg.train.device, require_pg=True, keep_freed=cfg.train.keep_freed_memory)
     try:
         if spec.threads > 0:
             torch.set_num_threads(spec.threads)

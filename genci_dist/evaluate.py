@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    env = DistEnv.init(cfg.train.device)
+    env = DistEnv.init(cfg.train.device, keep_freed=cfg.train.keep_freed_memory)
     try:
         dataset_dir = Path(cfg.data.dir)
         manifest = load_manifest(dataset_dir)

@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    env = DistEnv.init(cfg.train.device, require_pg=True)
+    env = DistEnv.init(cfg.train.device, require_pg=True, keep_freed=cfg.train.keep_freed_memory)
     try:
         Trainer(cfg, env).fit()
     finally:
