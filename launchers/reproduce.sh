@@ -8,8 +8,9 @@
 #   ./launchers/reproduce.sh ml1m                # GenCI, DeepFM, DCNv2, DIN on ML-1M
 #   MODELS="deepfm din" ./launchers/reproduce.sh ml1m
 #
-# Knobs: RUNS (default runs/repro), NPROC (default 1: one process with both cores' threads,
-# measured faster than 2 ranks × 1 thread for GenCI on this machine — see README), JOBS
+# Knobs: RUNS (default runs/repro), NPROC (default 1, the setting the recorded tables used;
+# NPROC=2 = 2 ranks × 1 thread, measured 1.3x faster for GenCI on ML-1M in session 6 — see
+# README "Speed", Threads), JOBS
 # (default 1; JOBS=2 trains two models side by side with one thread each — GenCI gains little
 # from a second thread, README "Speed"), EXTRA (more config overrides for every run). Each
 # run resumes from its latest checkpoint if interrupted (checkpoint.resume = auto), so
