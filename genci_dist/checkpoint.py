@@ -12,7 +12,9 @@ A save goes to `step-N.tmp/`, every rank writes its shards, a barrier, then rank
 sidecars and publishes by rename + symlink swap: a crash at any point before leaves `latest`
 on the previous complete checkpoint. Loader/RNG state is gathered to rank 0 (a few KB) and
 restored per rank when the world size is unchanged; at another world size the epoch plan
-differs, so the loader restarts the current epoch (said in the log).
+differs, so the loader restarts the current epoch (said in the log), and the trainer keeps the
+checkpoint's sharding types (`saved_sharding_types`, sharding.keep_sharding_types) so that the
+optimizer state has the same layout.
 """
 
 from __future__ import annotations
@@ -80,6 +82,17 @@ def fingerprint(cfg: JobConfig) -> dict[str, Any]:
     """What must match for a checkpoint to load: the model section (its execution-only
     fields aside) and the dataset."""
     return _identity({"model": to_plain(cfg.model), "data_dir": cfg.data.dir})
+
+
+def saved_sharding_types(root: Path) -> dict[str, str]:
+    """{table: sharding type} of the plan the `latest` checkpoint under `root` (a checkpoints/
+    folder) was saved with; {} without one."""
+    meta = Path(root) / "latest" / META
+    if not meta.is_file():
+        return {}
+    plan = json.loads(meta.read_text()).get("plan") or {}
+    return {table: p["sharding_type"] for tables in plan.values()
+            for table, p in tables.items()}
 
 
 class CheckpointManager:

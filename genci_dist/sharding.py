@@ -10,7 +10,7 @@ silently runs SGD at lr 0.01, so the optimizer is always passed explicitly.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -106,6 +106,25 @@ def table_names(model: torch.nn.Module, sequence_only: bool = False) -> list[str
         elif isinstance(m, EmbeddingCollection):
             names += [c.name for c in m.embedding_configs()]
     return names
+
+
+def keep_sharding_types(cfg: ShardingConfig, saved: dict[str, str], model: torch.nn.Module
+                        ) -> tuple[ShardingConfig, dict[str, str]]:
+    """(cfg with the tables it leaves to the planner pinned to their `saved` sharding types,
+    the pinned {table: type}). For a resumed run: the planner's choice depends on the world
+    size (2 ranks made a tiny table data_parallel where 1 rank had it row_wise), and a table
+    that moves between data_parallel (dense optimizer state) and a fused sharding (the
+    fused optimizer's state) leaves optimizer state the checkpoint does not have. Tables the
+    config names, or all of them under a default_type other than "auto", keep the config's
+    choice; only tables of this model are pinned."""
+    if cfg.default_type != "auto":
+        return cfg, {}
+    known = set(table_names(model))
+    pinned = {t: kind for t, kind in saved.items()
+              if t in known and t not in cfg.tables and kind in _TYPES}
+    if not pinned:
+        return cfg, {}
+    return replace(cfg, tables={**cfg.tables, **pinned}), pinned
 
 
 def build_constraints(model: torch.nn.Module, cfg: ShardingConfig) -> dict[str, Any]:

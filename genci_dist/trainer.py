@@ -19,13 +19,19 @@ from tqdm import tqdm
 
 from data_pipes.schema import feature_specs, load_manifest
 from data_pipes.stream import build_loader
-from genci_dist.checkpoint import CheckpointManager
+from genci_dist.checkpoint import CheckpointManager, saved_sharding_types
 from genci_dist.config import JobConfig, save_config
 from genci_dist.datasets import ensure_dataset
 from genci_dist.distributed import DistEnv
 from genci_dist.evaluate import bf16_autocast, evaluate_loader
 from genci_dist.model.build import build_task, load_generation_assets
-from genci_dist.sharding import build_dmp, build_lr_scheduler, build_optimizer, describe_plan
+from genci_dist.sharding import (
+    build_dmp,
+    build_lr_scheduler,
+    build_optimizer,
+    describe_plan,
+    keep_sharding_types,
+)
 from genci_dist.steplog import ScalarWriter, StepTimer, format_step_line
 
 
@@ -57,7 +63,15 @@ class Trainer:
         features = feature_specs(self.manifest)
         assets = load_generation_assets(self.dataset_dir, self.manifest, cfg.model)
         task = build_task(cfg.model, features, assets, device=torch.device("meta"))
-        self.dmp, self.plan = build_dmp(task, env, cfg.sharding)
+        resume = cfg.checkpoint.enabled and cfg.checkpoint.resume == "auto"
+        sharding = cfg.sharding
+        if resume:  # the planner may choose otherwise at another world size (see there)
+            sharding, kept = keep_sharding_types(
+                sharding, saved_sharding_types(self.run_dir / "checkpoints"), task)
+            if kept and self.is_main:
+                print(f"[resume] sharding types of the checkpoint's plan kept: {kept}",
+                      flush=True)
+        self.dmp, self.plan = build_dmp(task, env, sharding)
         self.train_loader = self._loader("train", shuffle=True, batch=self.local_batch)
         self.optimizer = build_optimizer(self.dmp, cfg.train.lr, cfg.train.weight_decay)
         total = cfg.train.max_steps or cfg.train.epochs * len(self.train_loader)
@@ -76,7 +90,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         # Resume (which refuses a checkpoint of another model config) before the run folder's
         # config.toml / plan.txt are rewritten, so a refused resume leaves them as they were.
-        if cfg.checkpoint.enabled and cfg.checkpoint.resume == "auto":
+        if resume:
             self._resume()
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)

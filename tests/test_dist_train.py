@@ -98,3 +98,28 @@ def test_resume_continues_with_the_same_losses(tiny_dataset: Path, tmp_path: Pat
     assert sorted(b) == list(range(1, 15))
     for step in range(7, 15):
         assert b[step] == pytest.approx(a[step], abs=1e-6), step
+
+
+def _plan_types(run: Path) -> dict[str, str]:
+    rows = [line.split() for line in (run / "plan.txt").read_text().splitlines()[1:]]
+    return {r[1]: r[2] for r in rows}
+
+
+def test_resume_at_another_world_size_keeps_the_checkpoint_sharding(tiny_dataset: Path,
+                                                                    tmp_path: Path) -> None:
+    """A run checkpointed by 1 rank resumes at 2 ranks and trains on to its last step. The
+    planner's own choice differs with the world size (here, as in the ML-1M GenCI run, the
+    2-rank planner makes a table data_parallel that 1 rank had row_wise: dense optimizer
+    state the checkpoint does not have, and DCP refused the load with "Missing key ...
+    optim.state.dense..."). Tables the config leaves to the planner keep the checkpoint's
+    sharding types."""
+    run = tmp_path / "run"
+    common = ("--model.name", "deepfm", "--checkpoint.every_n_steps", "2", "--train.epochs", "3")
+    assert train_main(_train_args(tiny_dataset, run, *common, "--train.max_steps", "4",
+                                  "--checkpoint.resume", "never")) == 0
+    first = _plan_types(run)
+    _spawn(2, "train", _train_args(tiny_dataset, run, *common, "--train.max_steps", "8",
+                                   "--checkpoint.resume", "auto"))
+    assert _plan_types(run) == first
+    assert "[0, 1]" in (run / "plan.txt").read_text()          # really 2 ranks
+    assert sorted(_steps(run)) == list(range(1, 9))
