@@ -31,7 +31,7 @@ class ModelConfig:
     t5_dropout: float = 0.0
     attention: Literal["genci_t5", "sdpa", "eager"] = "genci_t5"
     """T5 attention kernel: genci_t5 (model/t5_attention.py: same maths as eager, blocked over
-    the batch and recomputed in backward), or transformers' sdpa / eager."""
+    the batch; see attention_keep_probs), or transformers' sdpa / eager."""
     attention_block: int = 8
     """genci_t5: samples per attention block (0 = one block, scores materialised for all)."""
     attention_keep_probs: bool = True

@@ -13,10 +13,10 @@ pre-summed [B|1, H, Sq, Sk] term, then one softmax, one matmul. Masks are eager'
 Blocked (`BlockedBiasAttention`, `model.attention_block` samples per block): the scores of a
 block of samples stay in cache from matmul to softmax to matmul; backward reuses the
 probabilities kept from forward (`model.attention_keep_probs`, default) or recomputes them
-block by block (flash-attention style, no B×H×Sq×Sk memory). Used for every self-attention with the learned bias and for
-any attention whose scores would exceed BLOCK_BYTES; small no-grad or bias-free cases (the
-decoder's cross-attention without `AbsorbedCrossAttention`, generation steps) go to SDPA's
-fused kernel.
+block by block (flash-attention style, no B×H×Sq×Sk memory). Used for every self-attention
+with the learned bias and for any attention whose scores would exceed BLOCK_BYTES; small
+no-grad or bias-free cases (the decoder's cross-attention without `AbsorbedCrossAttention`,
+generation steps) go to SDPA's fused kernel.
 
 `AbsorbedCrossAttention` (model.absorb_cross_attention, on by default) replaces the decoder's
 cross-attention modules: it never projects the encoder tokens to keys and values.
