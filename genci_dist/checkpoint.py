@@ -13,7 +13,7 @@ sidecars and publishes by rename + symlink swap: a crash at any point before lea
 on the previous complete checkpoint. Loader/RNG state is gathered to rank 0 (a few KB) and
 restored per rank when the world size is unchanged; at another world size the epoch plan
 differs, so the loader restarts the current epoch (said in the log), and the trainer keeps the
-checkpoint's sharding types (`saved_sharding_types`, sharding.keep_sharding_types) so that the
+checkpoint's sharding types (`latest_sharding_types`, sharding.keep_sharding_types) so that the
 optimizer state has the same layout.
 """
 
@@ -84,17 +84,6 @@ def fingerprint(cfg: JobConfig) -> dict[str, Any]:
     return _identity({"model": to_plain(cfg.model), "data_dir": cfg.data.dir})
 
 
-def saved_sharding_types(root: Path) -> dict[str, str]:
-    """{table: sharding type} of the plan the `latest` checkpoint under `root` (a checkpoints/
-    folder) was saved with; {} without one."""
-    meta = Path(root) / "latest" / META
-    if not meta.is_file():
-        return {}
-    plan = json.loads(meta.read_text()).get("plan") or {}
-    return {table: p["sharding_type"] for tables in plan.values()
-            for table, p in tables.items()}
-
-
 class CheckpointManager:
     def __init__(self, root: Path, env: DistEnv, keep_last: int = 2,
                  keep_best: bool = True) -> None:
@@ -156,6 +145,15 @@ class CheckpointManager:
                 shutil.rmtree(self.root / name, ignore_errors=True)
 
     # ---- load ---------------------------------------------------------------------------
+    def latest_sharding_types(self) -> dict[str, str]:
+        """{table: sharding type} of the plan `latest` was saved with; {} without one."""
+        meta = self.root / "latest" / META
+        if not meta.is_file():
+            return {}
+        plan = json.loads(meta.read_text()).get("plan") or {}
+        return {table: p["sharding_type"] for tables in plan.values()
+                for table, p in tables.items()}
+
     def _check(self, ckpt: Path, config: JobConfig, semantic_hash: str) -> dict[str, Any]:
         meta = json.loads((ckpt / META).read_text())
         expected = fingerprint(config)

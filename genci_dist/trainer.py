@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from data_pipes.schema import feature_specs, load_manifest
 from data_pipes.stream import build_loader
-from genci_dist.checkpoint import CheckpointManager, saved_sharding_types
+from genci_dist.checkpoint import CheckpointManager
 from genci_dist.config import JobConfig, save_config
 from genci_dist.datasets import ensure_dataset
 from genci_dist.distributed import DistEnv
@@ -63,11 +63,14 @@ class Trainer:
         features = feature_specs(self.manifest)
         assets = load_generation_assets(self.dataset_dir, self.manifest, cfg.model)
         task = build_task(cfg.model, features, assets, device=torch.device("meta"))
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", env,
+                                      keep_last=cfg.checkpoint.keep_last,
+                                      keep_best=cfg.checkpoint.keep_best)
         resume = cfg.checkpoint.enabled and cfg.checkpoint.resume == "auto"
         sharding = cfg.sharding
         if resume:  # the planner may choose otherwise at another world size (see there)
-            sharding, kept = keep_sharding_types(
-                sharding, saved_sharding_types(self.run_dir / "checkpoints"), task)
+            sharding, kept = keep_sharding_types(sharding, self.ckpt.latest_sharding_types(),
+                                                 task)
             if kept and self.is_main:
                 print(f"[resume] sharding types of the checkpoint's plan kept: {kept}",
                       flush=True)
@@ -79,9 +82,6 @@ class Trainer:
                                             cfg.train.lr_schedule)
         self.semantic_hash = assets.content_hash if assets is not None else ""
 
-        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", env,
-                                      keep_last=cfg.checkpoint.keep_last,
-                                      keep_best=cfg.checkpoint.keep_best)
         self.step = 0
         self.epoch = 0
         self.best_auc = -1.0

@@ -140,7 +140,8 @@ class BlockedBiasAttention(torch.autograd.Function):
             p = _block(q[i:i + block], k[i:i + block], bias, m, scale,
                        None if probs is None else probs[i:i + block])
             torch.matmul(p, v[i:i + block], out=out[i:i + block])
-        ctx.save_for_backward(q, k, v, bias, out, mask, probs)
+        # the mask only to recompute the probabilities
+        ctx.save_for_backward(q, k, v, bias, out, mask if probs is None else None, probs)
         ctx.scale, ctx.block = scale, block
         return out
 
