@@ -5,13 +5,17 @@ device and threads. Library code receives a `DistEnv` and never reads environmen
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+# lives with the reader, whose worker processes call it too; re-exported for the trainer
+from data_pipes.memory import keep_freed_memory
+
+__all__ = ["DistEnv", "keep_freed_memory", "set_threads"]
 
 
 @dataclass
@@ -102,35 +106,6 @@ class DistEnv:
         if self.pg is not None and dist.is_initialized():
             dist.destroy_process_group()
             self.pg = None
-
-
-# glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_KEEP_BYTES = 1 << 30
-
-
-def keep_freed_memory() -> bool:
-    """Makes glibc's malloc keep freed memory for reuse: blocks up to 1 GiB come from the heap
-    instead of a fresh mmap each, and the heap's free top is returned to the system only
-    beyond 1 GiB. By default glibc maps every block over its (adaptive, ≤ 32 MB) threshold
-    afresh and trims the heap's top, so each training step page-faults its large activations
-    and the attention probabilities back in (35K–84K minor faults per GenCI ML-1M step of
-    128 samples; measured in README "Speed"). PyTorch's CPU allocator has no cache of its
-    own, so this is where the reuse has to come from. Returns False where it does not apply
-    (not glibc); affects only this process."""
-    import ctypes
-    import ctypes.util
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):   # musl and others: no mallopt
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES) and mallopt(_M_TRIM_THRESHOLD,
-                                                                    _KEEP_BYTES))
 
 
 def set_threads(local_world_size: int) -> int:
