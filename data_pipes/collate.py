@@ -118,7 +118,8 @@ class Rows:
     # a multi-valued feature's (offsets [n+1] int64, values) with padding ids dropped.
     columns: list[int | tuple[np.ndarray, np.ndarray]]
     no_missing: bool           # no scalar feature has a 0 id: every scalar bag holds one id
-    hist: np.ndarray           # [n, W] int64, left-aligned, 0-padded; W = longest kept history
+    hist: np.ndarray           # [n, W] int32 (int64 past int32 ids), left-aligned, 0-padded;
+    #                            W = longest kept history
     hist_len: np.ndarray       # [n] int64 (after max_history)
     token_rows: int | None     # item ids were checked to index a token table this long
 
@@ -182,8 +183,11 @@ def decode_rows(table: pa.Table, features: list[FeatureSpec], where: Where,
                                    f"{int(vals[bad])} beyond the semantic-ID table "
                                    f"({token_rows - 1} items)")
     # Dense left-aligned histories, built once per table (a row-major boolean scatter; faster
-    # than a window gather + zeroing), in the batch dtype: a batch then copies whole rows.
-    hist = np.zeros((n, max(int(h_len.max(initial=0)), 1)), dtype=np.int64)
+    # than a window gather + zeroing): a batch then copies whole rows. int32 when the ids fit
+    # (half the bytes to write here and to gather per batch), else int64.
+    small = item_card is not None and item_card <= np.iinfo(np.int32).max + 1
+    hist = np.zeros((n, max(int(h_len.max(initial=0)), 1)),
+                    dtype=np.int32 if small else np.int64)
     hist[np.take(_valid_mask(hist.shape[1]), h_len, axis=0)] = h_vals
     stacked = np.empty((n, len(scalars)), dtype=np.int64)
     for c, vals in enumerate(scalars):
@@ -193,9 +197,11 @@ def decode_rows(table: pa.Table, features: list[FeatureSpec], where: Where,
 
 def gather_batch(parts: list[tuple[Rows, np.ndarray]], row_ids: np.ndarray,
                  features: list[FeatureSpec], item_tokens: np.ndarray | None,
-                 pad_history_to: int | None = None) -> Batch:
+                 pad_history_to: int | None = None, with_history_ids: bool = True) -> Batch:
     """The Batch of rows `idx` of each decoded table, in order (parts = [(rows, idx)]).
-    `row_ids` [B] are the samples' global split row indices.
+    `row_ids` [B] are the samples' global split row indices. with_history_ids=False leaves the
+    history's item ids out (`history` is (B, 0), `sequence_features` has no key): a model that
+    reads the history only as semantic-ID tokens (GenCI) does not pay for them (see Batch).
 
     Sizes are known first, so everything is written into one storage. The large copies are
     `np.take(..., out=view, mode="clip")`: with `out` and the default mode="raise", numpy
@@ -255,11 +261,12 @@ def gather_batch(parts: list[tuple[Rows, np.ndarray]], row_ids: np.ndarray,
             lens, vals = np.concatenate(lens_p), np.concatenate(vals_p)
         blocks.append((lens, vals, 1))
         n_sp.append(int(vals.size))
-    n_seq = int(h_len.sum())
+    n_seq = int(h_len.sum()) if with_history_ids else 0
+    w_ids = width if with_history_ids else 0     # columns of the returned `history`
 
     n_tok = 0 if item_tokens is None else item_tokens.shape[1]
     views, tensors = _alloc([
-        ((sum(n_sp),), _I64), ((b * len(features),), _I64), ((n_seq,), _I64), ((b, width), _I64),
+        ((sum(n_sp),), _I64), ((b * len(features),), _I64), ((n_seq,), _I64), ((b, w_ids), _I64),
         ((b,), _I64), ((b, width * n_tok), _TOK), ((b, n_tok), _TOK), ((b,), _I64), ((b,), _I64),
         ((b,), _I64), ((b,), _F32)])
     (sp_vals_v, sp_lens_v, seq_v, hist, h_len_v, hist_tok, tgt_tok, user_v, item_v, row_v,
@@ -276,21 +283,17 @@ def gather_batch(parts: list[tuple[Rows, np.ndarray]], row_ids: np.ndarray,
     label_v[...] = scalars[:, 2]
     row_v[...] = row_ids
 
-    # History: whole stored rows (a row memcpy each), cut to this batch's width; rows are
-    # left-aligned, so every position past a row's length is already 0.
-    r0 = 0
-    for r, idx in parts:
-        r1 = r0 + idx.size
-        if r.hist.shape[1] == width:
-            np.take(r.hist, idx, axis=0, out=hist[r0:r1], mode="clip")
-        else:           # narrower (length bucketing) or wider (pad_history_to) than stored
-            w = min(width, r.hist.shape[1])
-            hist[r0:r1, :w] = r.hist[idx, :w]
-            hist[r0:r1, w:] = 0
-        r0 = r1
-    # Sequence KJT values: the non-padding positions, row-major = history order (a boolean
-    # index and a copy beat np.compress into the storage).
-    seq_v[...] = hist[np.take(_valid_mask(width), h_len, axis=0)]
+    # History ids [B, width] in the decoded dtype (int32 for any real id range): whole stored
+    # rows (a row memcpy each), cut to this batch's width; rows are left-aligned, so every
+    # position past a row's length is already 0. Only when the batch or the token lookup
+    # needs them.
+    ids = (_history_ids(parts, b, width)
+           if with_history_ids or item_tokens is not None else None)
+    if with_history_ids:
+        hist[...] = ids
+        # Sequence KJT values: the non-padding positions, row-major = history order (a
+        # boolean index and a copy beat np.compress into the storage).
+        seq_v[...] = ids[np.take(_valid_mask(width), h_len, axis=0)]
 
     if item_tokens is not None:
         # One fixed-size record per item (its T tokens), so the lookup is a 1-D gather of
@@ -298,7 +301,7 @@ def gather_batch(parts: list[tuple[Rows, np.ndarray]], row_ids: np.ndarray,
         table = np.ascontiguousarray(item_tokens, dtype=TOKEN_DTYPE)
         rec = np.dtype((np.void, table.itemsize * n_tok))
         records = table.view(rec).reshape(-1)
-        np.take(records, hist, out=hist_tok.view(rec), mode="clip")
+        np.take(records, ids, out=hist_tok.view(rec), mode="clip")
         np.take(records, item_v, out=tgt_tok.view(rec)[:, 0], mode="clip")
 
     # The KJT constructor given the per-key sizes numpy already knows = from_lengths_sync
@@ -309,9 +312,11 @@ def gather_batch(parts: list[tuple[Rows, np.ndarray]], row_ids: np.ndarray,
     sparse = KeyedJaggedTensor(
         keys=[f.name for f in features], values=tensors[0], lengths=tensors[1], stride=b,
         length_per_key=n_sp, offset_per_key=offsets)
-    sequence = KeyedJaggedTensor(
+    sequence = (KeyedJaggedTensor(
         keys=[HISTORY_FEATURE], values=tensors[2], lengths=tensors[4], stride=b,
-        length_per_key=[n_seq], offset_per_key=[0, n_seq])
+        length_per_key=[n_seq], offset_per_key=[0, n_seq]) if with_history_ids else
+        KeyedJaggedTensor(keys=[], values=tensors[2], lengths=tensors[2], stride=b,
+                          length_per_key=[], offset_per_key=[0]))
     return Batch(sparse_features=sparse, sequence_features=sequence, history=tensors[3],
                  history_lengths=tensors[4], history_tokens=tensors[5],
                  target_tokens=tensors[6], labels=tensors[10], user_ids=tensors[7],
@@ -320,13 +325,32 @@ def gather_batch(parts: list[tuple[Rows, np.ndarray]], row_ids: np.ndarray,
 
 def build_batch(table: pa.Table, features: list[FeatureSpec], row_ids: np.ndarray,
                 item_tokens: np.ndarray | None, where: Where,
-                pad_history_to: int | None = None, max_history: int | None = None) -> Batch:
+                pad_history_to: int | None = None, max_history: int | None = None,
+                with_history_ids: bool = True) -> Batch:
     """Sample rows → Batch (all rows, in order). `where` names the source in errors;
     `max_history` keeps only the most recent items of longer stored histories."""
     rows = decode_rows(table, features, where, max_history,
                        None if item_tokens is None else item_tokens.shape[0])
     return gather_batch([(rows, np.arange(table.num_rows))], np.asarray(row_ids), features,
-                        item_tokens, pad_history_to)
+                        item_tokens, pad_history_to, with_history_ids)
+
+
+def _history_ids(parts: list[tuple[Rows, np.ndarray]], b: int, width: int) -> np.ndarray:
+    """[b, width] history ids of the picked rows, in the decoded tables' dtype."""
+    if len(parts) == 1 and parts[0][0].hist.shape[1] == width:
+        return np.take(parts[0][0].hist, parts[0][1], axis=0)
+    out = np.empty((b, width), dtype=np.result_type(*(r.hist for r, _ in parts)))
+    r0 = 0
+    for r, idx in parts:
+        r1 = r0 + idx.size
+        if r.hist.shape[1] == width:
+            np.take(r.hist, idx, axis=0, out=out[r0:r1], mode="clip")
+        else:           # narrower (length bucketing) or wider (pad_history_to) than stored
+            w = min(width, r.hist.shape[1])
+            out[r0:r1, :w] = r.hist[idx, :w]
+            out[r0:r1, w:] = 0
+        r0 = r1
+    return out
 
 
 @functools.lru_cache(maxsize=64)

@@ -207,7 +207,8 @@ class StreamingSplit(IterableDataset):
     def __init__(self, dataset_dir: str | Path, split: str, *, batch_size: int, rank: int,
                  world_size: int, seed: int, shuffle: bool, with_tokens: bool = True,
                  pad_history_to: int | None = None, max_history: int | None = None,
-                 drop_last: bool = False, bucket_window: int = 0) -> None:
+                 drop_last: bool = False, bucket_window: int = 0,
+                 with_history_ids: bool = True) -> None:
         super().__init__()
         self.bucket_window = bucket_window if shuffle else 0
         self.drop_last = drop_last
@@ -216,6 +217,7 @@ class StreamingSplit(IterableDataset):
         self.split = split
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.shuffle, self.pad_history_to = seed, shuffle, pad_history_to
+        self.with_history_ids = with_history_ids
         manifest = load_manifest(self.dataset_dir)
         self.features = feature_specs(manifest)
         self.columns = [USER, ITEM, LABEL, HISTORY, *(f.name for f in self.features)]
@@ -281,7 +283,8 @@ class StreamingSplit(IterableDataset):
             parts.append((rows, idx))
             row_ids.append(plan.groups[int(plan.order[k])].offset + idx)
         return gather_batch(parts, np.concatenate(row_ids) if len(row_ids) > 1 else row_ids[0],
-                            self.features, self.item_tokens, self.pad_history_to)
+                            self.features, self.item_tokens, self.pad_history_to,
+                            self.with_history_ids)
 
     def __iter__(self):  # noqa: ANN204
         info = get_worker_info()
@@ -333,15 +336,18 @@ def build_loader(dataset_dir: str | Path, split: str, *, batch_size: int, rank: 
                  world_size: int = 1, num_workers: int = 0, seed: int = 0, shuffle: bool = True,
                  drop_last: bool = False, pad_history_to: int | None = None,
                  with_tokens: bool = True, max_history: int | None = None,
-                 bucket_window: int = 0) -> StatefulDataLoader:
+                 bucket_window: int = 0, with_history_ids: bool = True) -> StatefulDataLoader:
     """A StatefulDataLoader over this rank's batches (batches are built in the dataset).
     drop_last=False: every sample exactly once, ⌈⌈N/W⌉/batch⌉ steps per rank, the last batches
-    may be short. drop_last=True: ⌊⌊N/W⌋/batch⌋ full batches per rank, the rest is skipped."""
+    may be short. drop_last=True: ⌊⌊N/W⌋/batch⌋ full batches per rank, the rest is skipped.
+    with_tokens / with_history_ids: the history as semantic-ID tokens / as item ids (the
+    sequence KJT and the dense `history`); a model asks only for what it reads
+    (genci_dist.model.build.batch_fields)."""
     ds = StreamingSplit(dataset_dir, split, batch_size=batch_size, rank=rank,
                         world_size=world_size, seed=seed, shuffle=shuffle,
                         with_tokens=with_tokens, pad_history_to=pad_history_to,
                         max_history=max_history, drop_last=drop_last,
-                        bucket_window=bucket_window)
+                        bucket_window=bucket_window, with_history_ids=with_history_ids)
     # Its own generator: creating an iterator draws a base seed, which must not consume the
     # global torch RNG (dropout masks) or a resumed run would diverge from an uninterrupted one.
     return StatefulDataLoader(ds, batch_size=None, num_workers=num_workers,

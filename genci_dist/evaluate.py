@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from data_pipes.stream import build_loader
     from genci_dist.checkpoint import load_checkpoint_config, load_model_only
     from genci_dist.config import ConfigError
-    from genci_dist.model.build import build_task, load_generation_assets
+    from genci_dist.model.build import batch_fields, build_task, load_generation_assets
 
     ckpt = Path(args.checkpoint)
     try:
@@ -103,8 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         loader = build_loader(dataset_dir, args.split, batch_size=batch, rank=env.rank,
                               world_size=env.world_size, num_workers=cfg.data.num_workers,
                               seed=cfg.data.seed, shuffle=False,
-                              with_tokens=cfg.model.name == "genci",
-                              max_history=cfg.data.max_history)
+                              max_history=cfg.data.max_history, **batch_fields(cfg.model))
         preds: list[dict[str, Any]] | None = [] if args.predictions else None
         # as the trainer's validation runs it (train.autocast_bf16 of the checkpoint's config,
         # or `--train.autocast_bf16 true` to score an fp32 checkpoint in bf16)

@@ -45,7 +45,7 @@ def collect_intents(checkpoint: str | Path, n_samples: int = 2000, split: str = 
     from data_pipes.stream import build_loader
     from genci_dist.checkpoint import load_checkpoint_config, load_model_only, resolve
     from genci_dist.config import ConfigError
-    from genci_dist.model.build import build_task, load_generation_assets
+    from genci_dist.model.build import batch_fields, build_task, load_generation_assets
 
     if labels not in ("all", "positive"):
         raise AnalysisError(f"labels must be 'all' or 'positive', not {labels!r}")
@@ -65,7 +65,8 @@ def collect_intents(checkpoint: str | Path, n_samples: int = 2000, split: str = 
     model.eval()
     loader = build_loader(dataset_dir, split, batch_size=batch_size or cfg.data.eval_batch_size,
                           rank=0, world_size=1, num_workers=0, seed=cfg.data.seed,
-                          shuffle=False, with_tokens=True, max_history=cfg.data.max_history)
+                          shuffle=False, max_history=cfg.data.max_history,
+                          **batch_fields(cfg.model))
     parts: dict[str, list[np.ndarray]] = {}
     have = 0
     with torch.no_grad():

@@ -24,7 +24,7 @@ from genci_dist.config import JobConfig, save_config
 from genci_dist.datasets import ensure_dataset
 from genci_dist.distributed import DistEnv
 from genci_dist.evaluate import bf16_autocast, evaluate_loader
-from genci_dist.model.build import build_task, load_generation_assets
+from genci_dist.model.build import batch_fields, build_task, load_generation_assets
 from genci_dist.sharding import (
     build_dmp,
     build_lr_scheduler,
@@ -108,7 +108,7 @@ class Trainer:
             self.dataset_dir, split, batch_size=batch, rank=self.env.rank,
             world_size=self.env.world_size, num_workers=d.num_workers, seed=d.seed,
             shuffle=shuffle, pad_history_to=d.pad_history_to or None,
-            with_tokens=self.cfg.model.name == "genci", max_history=d.max_history,
+            max_history=d.max_history, **batch_fields(self.cfg.model),
             bucket_window=d.bucket_window if shuffle else 0)
 
     def _autocast(self) -> Any:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from data_pipes.batch import Batch
 from data_pipes.schema import feature_specs, load_manifest
 from data_pipes.stream import build_loader
-from genci_dist.model.build import build_task, load_generation_assets
+from genci_dist.model.build import batch_fields, build_task, load_generation_assets
 from genci_dist.model.config import ModelConfig
 from genci_dist.model.heads import DCNv2, DeepFM, DINAttention, fm_interaction
 from genci_dist.tokenizer.semantic_ids import load_semantic_ids
@@ -346,3 +346,29 @@ def test_din_reads_the_batch_history(tiny_dataset: Path, batch: Batch) -> None:
     assert torch.allclose(interest, ref, atol=1e-6)
     assert (interest[batch.history_lengths == 0] == 0).all()
     assert (interest[batch.history_lengths > 0].abs().sum(1) > 0).all()
+
+
+@pytest.mark.parametrize("name", ["genci", "deepfm", "dcnv2", "din"])
+def test_each_model_reads_only_its_batch_fields(tiny_dataset: Path, batch: Batch,
+                                                name: str) -> None:
+    """The reader builds only the history forms batch_fields names (GenCI: tokens; DIN: item
+    ids): on that slimmer batch every model's loss and logits equal those on the full batch,
+    and DIN fed a batch without the item ids says what is missing."""
+    cfg = dataclasses.replace(SMALL, name=name)
+    task = make_task(tiny_dataset, cfg).eval()
+    slim = next(iter(build_loader(tiny_dataset, "train", batch_size=batch.size, seed=0,
+                                  **batch_fields(cfg))))
+    assert torch.equal(slim.row_ids, batch.row_ids)
+    assert (slim.history.shape[1] > 0) == (name == "din")
+    assert (slim.history_tokens.shape[1] > 0) == (name == "genci")
+    with torch.no_grad():
+        torch.manual_seed(0)
+        loss, _, logit, _ = task(batch)
+        torch.manual_seed(0)
+        loss_slim, _, logit_slim, _ = task(slim)
+    assert torch.equal(loss, loss_slim) and torch.equal(logit, logit_slim)
+    if name == "din":
+        no_ids = next(iter(build_loader(tiny_dataset, "train", batch_size=batch.size, seed=0,
+                                        with_tokens=False, with_history_ids=False)))
+        with pytest.raises(ValueError, match="with_history_ids=True"):
+            task(no_ids)

@@ -65,7 +65,8 @@ def _expected(table: pa.Table, rows: np.ndarray, tokens: np.ndarray, max_history
     return out
 
 
-def _check(batch, want: dict[str, object], row_ids: np.ndarray) -> None:  # noqa: ANN001
+def _check(batch, want: dict[str, object], row_ids: np.ndarray,  # noqa: ANN001
+           ids: bool = True) -> None:
     sp = batch.sparse_features
     assert sp.keys() == want["keys"]
     assert sp.lengths().tolist() == want["lengths"]
@@ -76,11 +77,15 @@ def _check(batch, want: dict[str, object], row_ids: np.ndarray) -> None:  # noqa
     assert sp.offset_per_key() == ref.offset_per_key()
     assert sp.stride() == len(row_ids)
     seq = batch.sequence_features
-    assert seq.keys() == ["history_item_id"] and seq.stride() == len(row_ids)
-    assert seq.lengths().tolist() == want["history_lengths"]
-    assert seq.values().tolist() == want["seq_values"]
-    assert seq.length_per_key() == [len(want["seq_values"])]
-    assert batch.history.tolist() == want["history"]
+    if ids:
+        assert seq.keys() == ["history_item_id"] and seq.stride() == len(row_ids)
+        assert seq.lengths().tolist() == want["history_lengths"]
+        assert seq.values().tolist() == want["seq_values"]
+        assert seq.length_per_key() == [len(want["seq_values"])]
+        assert batch.history.tolist() == want["history"]
+    else:   # the history's item ids left out: no key, no columns, nothing else changes
+        assert seq.keys() == [] and seq.stride() == len(row_ids) and seq.values().numel() == 0
+        assert batch.history.shape == (len(row_ids), 0)
     assert batch.history_lengths.tolist() == want["history_lengths"]
     assert batch.history_tokens.tolist() == want["history_tokens"]
     assert batch.target_tokens.tolist() == want["target_tokens"]
@@ -103,8 +108,9 @@ def _check(batch, want: dict[str, object], row_ids: np.ndarray) -> None:  # noqa
 @pytest.mark.parametrize("max_history", [None, 3])
 @pytest.mark.parametrize("pad_to", [None, 12])
 @pytest.mark.parametrize("missing", [True, False])
+@pytest.mark.parametrize("ids", [True, False])
 def test_gather_matches_the_per_row_contract(max_history: int | None, pad_to: int | None,
-                                             missing: bool) -> None:
+                                             missing: bool, ids: bool) -> None:
     rng = np.random.default_rng(7)
     tokens = np.zeros((30, 3), dtype=np.int64)
     tokens[1:] = rng.integers(1, 40, (29, 3))
@@ -116,7 +122,7 @@ def test_gather_matches_the_per_row_contract(max_history: int | None, pad_to: in
     offsets = [1000, 2000]
     batch = gather_batch(list(zip(decoded, picks, strict=True)),
                          np.concatenate([o + p for o, p in zip(offsets, picks, strict=True)]),
-                         FEATURES, tokens, pad_to)
+                         FEATURES, tokens, pad_to, with_history_ids=ids)
     want = [_expected(t, p, tokens, max_history, pad_to)
             for t, p in zip(tables, picks, strict=True)]
     width = pad_to or max(max(max(w["history_lengths"]) for w in want), 1)
@@ -134,7 +140,8 @@ def test_gather_matches_the_per_row_contract(max_history: int | None, pad_to: in
                          for w in want for h in w["history"]]
     merged["history_tokens"] = [h[:width * 3] + [0] * (width * 3 - len(h[:width * 3]))
                                 for w in want for h in w["history_tokens"]]
-    _check(batch, merged, np.concatenate([o + p for o, p in zip(offsets, picks, strict=True)]))
+    _check(batch, merged, np.concatenate([o + p for o, p in zip(offsets, picks, strict=True)]),
+           ids)
 
 
 def test_decode_errors_name_the_row_and_field() -> None:

@@ -107,6 +107,16 @@ def test_length_bucketing_pads_less_and_keeps_the_epoch(tiny_dataset: Path) -> N
         assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))
     rows_again, _, _ = run(4)
     assert all((a == b).all() for a, b in zip(rows, rows_again, strict=True))
+    # without the history's item ids (a GenCI batch) the bucketed batches are the same
+    # samples with the same tokens, and carry no ids
+    full = build_loader(tiny_dataset, "train", batch_size=6, seed=3, bucket_window=4)
+    slim = build_loader(tiny_dataset, "train", batch_size=6, seed=3, bucket_window=4,
+                        with_history_ids=False)
+    for a, b in zip(full, slim, strict=True):
+        assert torch.equal(a.history_tokens, b.history_tokens)
+        assert torch.equal(a.sparse_features.values(), b.sparse_features.values())
+        assert torch.equal(a.row_ids, b.row_ids) and torch.equal(a.labels, b.labels)
+        assert a.history.shape[1] > 0 and b.history.shape == (b.size, 0)
 
 
 @pytest.mark.parametrize("bucket", [0, 4, 50])

@@ -34,6 +34,13 @@ def load_generation_assets(dataset_dir: str | Path, manifest: dict[str, Any],
                             cohorts.num_cohorts(cfg.cohort_mode), sids.content_hash)
 
 
+def batch_fields(cfg: ModelConfig) -> dict[str, bool]:
+    """Which forms of the history a model reads, as build_loader's keyword arguments: GenCI
+    its semantic-ID tokens, DIN its item ids (sequence KJT and width); DeepFM / DCNv2
+    neither. The reader builds nothing else (a GenCI batch without the ids: README "Data")."""
+    return {"with_tokens": cfg.name == "genci", "with_history_ids": cfg.name == "din"}
+
+
 def build_task(cfg: ModelConfig, features: list[FeatureSpec], assets: GenerationAssets | None,
                device: torch.device) -> nn.Module:
     """EBC/EC tables on `device` (use "meta" under DMP); dense layers on CPU (DMP moves them)."""

@@ -202,6 +202,9 @@ class BaselineTask(nn.Module):
     def forward(self, batch: Batch) -> TaskOutput:
         fields, _, _ = self.sparse(batch.sparse_features)
         if self.cfg.name == "din":
+            if HISTORY_FEATURE not in batch.sequence_features.keys():
+                raise ValueError("DIN reads the history's item ids: build its loader with "
+                                 "with_history_ids=True (model.build.batch_fields)")
             jt = self.history(batch.sequence_features)[HISTORY_FEATURE]
             width = max(batch.history.shape[1], 1)
             hist = jt.to_padded_dense(desired_length=width)                # [B, L, e]
