@@ -2,22 +2,32 @@
 
     python -m data_pipes.bench_reader --data data/ml-1m --split train --batch-size 1024
 
-Measures, in one run on the same files: a plain `pyarrow.parquet` scan of the split reading
-the same columns (row groups into Arrow tables, nothing else; once opening the file per row
-group, once opening each file once as the reader does) and the streaming reader with batch
-building (shuffle, KJTs, padding, semantic-ID tokens) at several worker counts.
+Measures, in one run on the same files: a plain `pyarrow.parquet` scan of the split (row
+groups into Arrow tables, nothing else; once opening the file per row group, once opening each
+file once as the reader does) and the streaming reader with batch building (shuffle, KJTs,
+padding, semantic-ID tokens) at several worker counts, for each batch layout a model reads
+(genci_dist.model.build.batch_fields):
+
+    full    the history as semantic-ID tokens and as item ids (sequence KJT, dense history)
+    genci   tokens only (GenCI)
+    din     item ids only (DIN)
+    fields  neither (DeepFM, DCNv2)
+
+Layouts with tokens are left out when the dataset has no semantic IDs yet.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
 
+from data_pipes.memory import keep_freed_memory
 from data_pipes.schema import SEMANTIC_IDS
 from data_pipes.stream import build_loader, list_row_groups
 
@@ -35,14 +45,29 @@ def raw_scan(dataset_dir: Path, split: str, open_once: bool = False) -> tuple[in
     return rows, time.perf_counter() - t0, time.process_time() - c0
 
 
+# layout → (with_tokens, with_history_ids)
+LAYOUTS = {"full": (True, True), "genci": (True, False), "din": (False, True),
+           "fields": (False, False)}
+
+
 def reader_scan(dataset_dir: Path, split: str, batch_size: int, workers: int,
-                tokens: bool, bucket_window: int = 0) -> tuple[int, float, float]:
+                layout: str, bucket_window: int = 0,
+                keep_freed: bool = False) -> tuple[int, float, float]:
     """(rows, wall seconds, main-process CPU seconds: the whole cost only with 0 workers)."""
+    tokens, ids = LAYOUTS[layout]
     loader = build_loader(dataset_dir, split, batch_size=batch_size, num_workers=workers,
-                          seed=0, shuffle=True, with_tokens=tokens, bucket_window=bucket_window)
+                          seed=0, shuffle=True, with_tokens=tokens, with_history_ids=ids,
+                          bucket_window=bucket_window, keep_freed_memory=keep_freed)
     t0, c0 = time.perf_counter(), time.process_time()
     rows = sum(b.size for b in loader)
     return rows, time.perf_counter() - t0, time.process_time() - c0
+
+
+def _median_ratio(raws: list[tuple[int, float, float]], runs: list[tuple[int, float, float]],
+                  field: int) -> float:
+    """Median over rounds of raw / reader (field 1 = wall, 2 = CPU seconds)."""
+    return round(statistics.median(a[field] / b[field] for a, b in zip(raws, runs,
+                                                                        strict=True)), 3)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,47 +79,65 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--bucket-window", type=int, default=0,
                    help="length bucketing window of the reader (0 = off)")
-    p.add_argument("--tokens", choices=("auto", "off", "both"), default="auto",
-                   help="semantic-ID tokens in the batches: auto = when the dataset has them; "
-                        "both = also measure without (their share of the reader's cost)")
+    p.add_argument("--layouts", default=",".join(LAYOUTS),
+                   help=f"batch layouts to measure, comma-separated, of {list(LAYOUTS)}")
+    p.add_argument("--keep-freed-memory", choices=("true", "false"), default="true",
+                   help="glibc keeps freed memory for reuse in this process and the workers, "
+                        "as the trainer runs the reader (train.keep_freed_memory)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    keep_freed = args.keep_freed_memory == "true"
+    if keep_freed:
+        keep_freed_memory()
     ds = Path(args.data)
-    has_tokens = (ds / SEMANTIC_IDS).is_file()
-    token_modes = {"auto": [has_tokens], "off": [False],
-                   "both": [True, False] if has_tokens else [False]}[args.tokens]
+    layouts = args.layouts.split(",")
+    if unknown := [x for x in layouts if x not in LAYOUTS]:
+        p.error(f"unknown layout(s) {unknown}; choose from {list(LAYOUTS)}")
+    if not (ds / SEMANTIC_IDS).is_file():
+        layouts = [x for x in layouts if not LAYOUTS[x][0]]
     raw_scan(ds, args.split)  # warm the page cache so both sides read from memory
-    # The machine may be shared: best-of-N wall time, and CPU time, which contention inflates
-    # far less (for workers=0 it is the reader's whole cost).
-    raws = [raw_scan(ds, args.split) for _ in range(args.repeats)]
+    # The machine may be shared and its speed drifts between processes and minutes: the
+    # repeats are rounds, each running the raw scans and then every reader configuration, so
+    # each reader run has raw scans from its own round to be compared with (the paired
+    # ratios; their median is the steadier figure). Per configuration also the best-of-N
+    # wall time and CPU time (for workers=0 the reader's whole cost).
+    configs = [(int(x), y) for x in args.workers.split(",") for y in layouts]
+    raws: list[tuple[int, float, float]] = []
+    once: list[tuple[int, float, float]] = []
+    runs: dict[tuple[int, str], list[tuple[int, float, float]]] = {c: [] for c in configs}
+    for _ in range(args.repeats):
+        raws.append(raw_scan(ds, args.split))
+        # each file opened once: the stricter baseline, as the reader keeps its files open
+        once.append(raw_scan(ds, args.split, open_once=True))
+        for w, layout in configs:
+            runs[w, layout].append(reader_scan(ds, args.split, args.batch_size, w, layout,
+                                               args.bucket_window, keep_freed))
     rows = raws[0][0]
+    for name, scans in (("raw_pyarrow_scan", raws), ("raw_pyarrow_scan_open_once", once)):
+        wall, cpu = min(r[1] for r in scans), min(r[2] for r in scans)
+        print(json.dumps({"bench": name, "rows": rows, "seconds": round(wall, 3),
+                          "rows_per_s": round(rows / wall), "cpu_seconds": round(cpu, 3),
+                          "rows_per_cpu_s": round(rows / cpu)}), flush=True)
     raw_wall, raw_cpu = min(r[1] for r in raws), min(r[2] for r in raws)
-    print(json.dumps({"bench": "raw_pyarrow_scan", "rows": rows, "seconds": round(raw_wall, 3),
-                      "rows_per_s": round(rows / raw_wall), "cpu_seconds": round(raw_cpu, 3),
-                      "rows_per_cpu_s": round(rows / raw_cpu)}), flush=True)
-    # The same scan with each file opened once: the stricter baseline for the reader, which
-    # also keeps its files open.
-    once = [raw_scan(ds, args.split, open_once=True) for _ in range(args.repeats)]
     once_wall, once_cpu = min(r[1] for r in once), min(r[2] for r in once)
-    print(json.dumps({"bench": "raw_pyarrow_scan_open_once", "rows": rows,
-                      "seconds": round(once_wall, 3), "rows_per_s": round(rows / once_wall),
-                      "cpu_seconds": round(once_cpu, 3),
-                      "rows_per_cpu_s": round(rows / once_cpu)}), flush=True)
-    for w, tokens in ((int(x), t) for x in args.workers.split(",") for t in token_modes):
-        runs = [reader_scan(ds, args.split, args.batch_size, w, tokens, args.bucket_window)
-                for _ in range(args.repeats)]
-        wall, cpu = min(r[1] for r in runs), min(r[2] for r in runs)
-        if any(r[0] != rows for r in runs):  # a throughput over lost rows means nothing
-            raise SystemExit(f"reader yielded {[r[0] for r in runs]} rows, the split has {rows}")
-        line = {"bench": "reader_with_batches", "workers": w, "tokens": tokens,
+    for (w, layout), rs in runs.items():
+        if any(r[0] != rows for r in rs):  # a throughput over lost rows means nothing
+            raise SystemExit(f"reader yielded {[r[0] for r in rs]} rows, the split has {rows}")
+        wall, cpu = min(r[1] for r in rs), min(r[2] for r in rs)
+        line = {"bench": "reader_with_batches", "workers": w, "layout": layout,
                 "batch_size": args.batch_size, "bucket_window": args.bucket_window,
+                "keep_freed_memory": keep_freed,
                 "rows": rows, "seconds": round(wall, 3), "rows_per_s": round(rows / wall),
                 "ratio_to_raw": round(raw_wall / wall, 3),
-                "ratio_to_raw_open_once": round(once_wall / wall, 3)}
+                "ratio_to_raw_open_once": round(once_wall / wall, 3),
+                "ratio_to_raw_paired_median": _median_ratio(raws, rs, 1)}
         if w == 0:
             line.update(cpu_seconds=round(cpu, 3), rows_per_cpu_s=round(rows / cpu),
                         cpu_ratio_to_raw=round(raw_cpu / cpu, 3),
-                        cpu_ratio_to_raw_open_once=round(once_cpu / cpu, 3))
+                        cpu_ratio_to_raw_open_once=round(once_cpu / cpu, 3),
+                        cpu_ratio_to_raw_paired_median=_median_ratio(raws, rs, 2),
+                        cpu_ratio_to_raw_paired=[round(a[2] / b[2], 3)
+                                                 for a, b in zip(raws, rs, strict=True)])
         print(json.dumps(line), flush=True)
     return 0
 

@@ -38,6 +38,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from data_pipes.batch import Batch
 from data_pipes.collate import Rows, decode_rows, gather_batch, load_item_tokens
+from data_pipes.memory import keep_freed_memory as _keep_freed_memory
 from data_pipes.schema import (
     HISTORY,
     ITEM,
@@ -336,13 +337,15 @@ def build_loader(dataset_dir: str | Path, split: str, *, batch_size: int, rank: 
                  world_size: int = 1, num_workers: int = 0, seed: int = 0, shuffle: bool = True,
                  drop_last: bool = False, pad_history_to: int | None = None,
                  with_tokens: bool = True, max_history: int | None = None,
-                 bucket_window: int = 0, with_history_ids: bool = True) -> StatefulDataLoader:
+                 bucket_window: int = 0, with_history_ids: bool = True,
+                 keep_freed_memory: bool = False) -> StatefulDataLoader:
     """A StatefulDataLoader over this rank's batches (batches are built in the dataset).
     drop_last=False: every sample exactly once, ⌈⌈N/W⌉/batch⌉ steps per rank, the last batches
     may be short. drop_last=True: ⌊⌊N/W⌋/batch⌋ full batches per rank, the rest is skipped.
     with_tokens / with_history_ids: the history as semantic-ID tokens / as item ids (the
     sequence KJT and the dense `history`); a model asks only for what it reads
-    (genci_dist.model.build.batch_fields)."""
+    (genci_dist.model.build.batch_fields). keep_freed_memory: each worker process applies
+    data_pipes.memory.keep_freed_memory (the trainer's own process applies it itself)."""
     ds = StreamingSplit(dataset_dir, split, batch_size=batch_size, rank=rank,
                         world_size=world_size, seed=seed, shuffle=shuffle,
                         with_tokens=with_tokens, pad_history_to=pad_history_to,
@@ -353,7 +356,13 @@ def build_loader(dataset_dir: str | Path, split: str, *, batch_size: int, rank: 
     return StatefulDataLoader(ds, batch_size=None, num_workers=num_workers,
                               generator=torch.Generator().manual_seed(seed),
                               persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                              worker_init_fn=_worker_keeps_freed_memory
+                              if keep_freed_memory and num_workers else None,
                               multiprocessing_context=_WORKER_START if num_workers else None)
+
+
+def _worker_keeps_freed_memory(_worker_id: int) -> None:
+    _keep_freed_memory()
 
 
 def steps_per_epoch(dataset_dir: str | Path, split: str, *, batch_size: int,

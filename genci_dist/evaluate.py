@@ -103,7 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         loader = build_loader(dataset_dir, args.split, batch_size=batch, rank=env.rank,
                               world_size=env.world_size, num_workers=cfg.data.num_workers,
                               seed=cfg.data.seed, shuffle=False,
-                              max_history=cfg.data.max_history, **batch_fields(cfg.model))
+                              max_history=cfg.data.max_history,
+                              keep_freed_memory=cfg.train.keep_freed_memory,
+                              **batch_fields(cfg.model))
         preds: list[dict[str, Any]] | None = [] if args.predictions else None
         # as the trainer's validation runs it (train.autocast_bf16 of the checkpoint's config,
         # or `--train.autocast_bf16 true` to score an fp32 checkpoint in bf16)

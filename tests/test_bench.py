@@ -97,18 +97,22 @@ def test_variant_parsing_and_summary() -> None:
     assert b["split_s"] == {"data": 1 / 40.0} and b["repeat"] == "median"
 
 
-def test_reader_bench_counts_every_row_with_and_without_tokens(
+def test_reader_bench_counts_every_row_in_every_batch_layout(
         capsys: pytest.CaptureFixture[str], tiny_dataset: Path) -> None:
-    """`python -m data_pipes.bench_reader --tokens both`: the raw scans and the reader (with
-    and without semantic-ID tokens) all count the split's rows from the Parquet metadata."""
+    """`python -m data_pipes.bench_reader`: the raw scans and the reader in each batch layout
+    (history as tokens and/or item ids) all count the split's rows from the Parquet metadata."""
     from data_pipes import bench_reader
     from data_pipes.stream import list_row_groups
 
     rows = sum(g.rows for g in list_row_groups(tiny_dataset, "train"))
     assert bench_reader.main(["--data", str(tiny_dataset), "--workers", "0",
-                              "--batch-size", "16", "--repeats", "1", "--tokens", "both"]) == 0
+                              "--batch-size", "16", "--repeats", "1",
+                              "--keep-freed-memory", "false"]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
-    assert [(x["bench"], x.get("tokens")) for x in lines] == [
+    assert [(x["bench"], x.get("layout")) for x in lines] == [
         ("raw_pyarrow_scan", None), ("raw_pyarrow_scan_open_once", None),
-        ("reader_with_batches", True), ("reader_with_batches", False)]
+        ("reader_with_batches", "full"), ("reader_with_batches", "genci"),
+        ("reader_with_batches", "din"), ("reader_with_batches", "fields")]
     assert all(x["rows"] == rows for x in lines) and rows > 0
+    with pytest.raises(SystemExit):
+        bench_reader.main(["--data", str(tiny_dataset), "--layouts", "genci,bogus"])

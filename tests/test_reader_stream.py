@@ -160,6 +160,21 @@ def test_workers_do_not_inherit_the_trainers_process(tiny_dataset: Path,
         next(iter(build_loader(tiny_dataset, "train", batch_size=5, num_workers=0, seed=2)))
 
 
+def test_workers_apply_keep_freed_memory_when_asked(tiny_dataset: Path) -> None:
+    """build_loader(keep_freed_memory=True) has each worker process apply the trainer's malloc
+    policy at start (a fork-server worker does not inherit it); the batches are unchanged."""
+    import data_pipes.stream as stream
+
+    kept = build_loader(tiny_dataset, "train", batch_size=5, num_workers=1, seed=2,
+                        keep_freed_memory=True)
+    assert kept.worker_init_fn is stream._worker_keeps_freed_memory
+    plain = build_loader(tiny_dataset, "train", batch_size=5, num_workers=1, seed=2)
+    assert plain.worker_init_fn is None
+    assert [b.row_ids.tolist() for b in kept] == [b.row_ids.tolist() for b in plain]
+    assert build_loader(tiny_dataset, "train", batch_size=5, num_workers=0,
+                        keep_freed_memory=True).worker_init_fn is None  # no workers
+
+
 def test_batch_sizes_never_leave_an_empty_tail() -> None:
     assert batch_sizes(10, 3, 4) == [4, 4, 2]
     assert batch_sizes(8, 3, 4) == [4, 3, 1]       # 8 = 2 full batches but 3 steps required
