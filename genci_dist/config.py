@@ -77,9 +77,10 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     keep_freed_memory: bool = True
     """glibc's malloc keeps freed memory for reuse (no mmap per large block, no trimming; see
-    genci_dist/distributed.py `keep_freed_memory`): without it every step page-faults its
-    large activations in afresh. GenCI ML-1M, batch 128, bf16, 1 thread: 35K–84K page faults
-    and 0.85–0.98 s per step → ~0–400 and 0.65–0.67 s. RSS stays at its peak between steps."""
+    data_pipes/memory.py `keep_freed_memory`), in the trainer's process and the reader's
+    workers: without it every step page-faults its large activations in afresh. GenCI ML-1M,
+    batch 128, bf16, 1 thread: 35K–84K page faults and 0.85–0.98 s per step → ~0–400 and
+    0.65–0.67 s. RSS stays at its peak between steps."""
     log_every: int = 50
     eval_every_epoch: bool = True
     progress_bar: bool = True
