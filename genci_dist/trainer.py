@@ -88,6 +88,11 @@ class Trainer:
         self.best_epoch = -1
         self.bad_epochs = 0
         self.history: list[dict[str, Any]] = []
+        # Wall time of the epoch in progress: what earlier processes spent on it (restored from
+        # the checkpoint a run resumes from) plus this process's part since _epoch_t0. Without
+        # the carry, an epoch interrupted and resumed counted only its last process's part.
+        self._epoch_carry_s = 0.0
+        self._epoch_t0: float | None = None
         # Resume (which refuses a checkpoint of another model config) before the run folder's
         # config.toml / plan.txt are rewritten, so a refused resume leaves them as they were.
         if resume:
@@ -118,7 +123,11 @@ class Trainer:
     def _train_state(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "best_auc": self.best_auc,
                 "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
-                "history": self.history}
+                "history": self.history, "epoch_elapsed_s": self._epoch_elapsed()}
+
+    def _epoch_elapsed(self) -> float:
+        here = 0.0 if self._epoch_t0 is None else time.perf_counter() - self._epoch_t0
+        return self._epoch_carry_s + here
 
     def _save(self, metric: float | None) -> None:
         if not self.cfg.checkpoint.enabled:
@@ -136,6 +145,8 @@ class Trainer:
             return
         for key in ("step", "epoch", "best_auc", "best_epoch", "bad_epochs", "history"):
             setattr(self, key, state[key])
+        # checkpoints written before the carry existed have none: their epoch counts from here
+        self._epoch_carry_s = float(state.get("epoch_elapsed_s", 0.0))
         if self.is_main:
             print(f"[resume] step {self.step}, epoch {self.epoch}", flush=True)
 
@@ -214,13 +225,14 @@ class Trainer:
         # checked before every epoch, so a run resumed after early stopping trains no more
         while self.epoch < cfg.train.epochs and self.bad_epochs < cfg.train.patience:
             self.train_loader.dataset.set_epoch(self.epoch)
-            t_epoch = time.perf_counter()
+            self._epoch_t0 = time.perf_counter()
             finished = self._train_epoch()
             valid = self.evaluate("valid")
             record = {"epoch": self.epoch, "step": self.step,
                       "train": self._last_train, "valid": valid,
-                      "epoch_s": time.perf_counter() - t_epoch}
+                      "epoch_s": self._epoch_elapsed()}
             self.history.append(record)
+            self._epoch_carry_s, self._epoch_t0 = 0.0, None  # the record holds it now
             self.tb.add("valid", valid, self.step)
             improved = valid["auc"] > self.best_auc
             if improved:

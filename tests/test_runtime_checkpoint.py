@@ -3,7 +3,8 @@
 (b) a 2-rank table-wise checkpoint loads into the plain unsharded task in one process (no
 process group) and into 2 row-wise ranks, with identical weights and evaluation metrics;
 (c) a save that fails after dcp.save and before publishing leaves `latest` on the previous
-checkpoint, which still loads; (d) a checkpoint of another model config is refused.
+checkpoint, which still loads; (d) a checkpoint of another model config is refused; (e) the
+wall time of an epoch killed mid-way and resumed counts the killed process's part.
 
 Two spawned 2-rank groups carry all of it: phase 1 trains run A (uninterrupted), run B (to
 step k) and makes the interrupted save; phase 2 resumes B, reloads A's checkpoint row-wise and
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 import types
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ from genci_dist.model.build import build_task
 from genci_dist.model.config import ModelConfig
 
 K_STOP = 2        # run B stops here (a checkpoint every 2 steps)
+SLOW_STEP_S = 1.0  # run K's interrupted steps (e)
 TOTAL = 7         # 5 steps per epoch (270 rows, 2 × 32): the resumed part crosses an epoch end
 
 
@@ -137,6 +140,26 @@ def _phase1(rank: int, world: int, port: int, data: str, tmp: str) -> None:
         finally:
             ckpt_mod.dcp = real
         torch.save({"crashed": crashed}, out / f"C_crash{rank}.pt")
+
+        # (e) run K is killed mid-epoch, after its step-2 checkpoint: its steps take >= 1 s
+        # each, and validation "kills" the process before anything else is recorded
+        k = Trainer(_config(data, str(out / "K"), "--train.max_steps", "3",
+                            "--checkpoint.resume", "never"), env)
+        step = k.optimizer.step
+
+        def slow_step(*args: Any, **kwargs: Any) -> Any:
+            time.sleep(SLOW_STEP_S)
+            return step(*args, **kwargs)
+
+        def killed(split: str) -> dict[str, float]:
+            raise KeyboardInterrupt("simulated kill")
+
+        k.optimizer.step = slow_step  # type: ignore[method-assign]
+        k.evaluate = killed  # type: ignore[method-assign]
+        try:
+            k.fit()
+        except KeyboardInterrupt:
+            pass
     finally:
         env.destroy()
 
@@ -175,6 +198,10 @@ def _phase2(rank: int, world: int, port: int, data: str, tmp: str) -> None:
         except ConfigError as e:
             refused = str(e)
         torch.save({"refused": refused}, out / f"D{rank}.pt")
+
+        # (e) run K resumes from its step-2 checkpoint, at full speed, to step 4
+        Trainer(_config(data, str(out / "K"), "--train.max_steps", "4",
+                        "--checkpoint.resume", "auto"), env).fit()
     finally:
         env.destroy()
 
@@ -224,6 +251,19 @@ def test_resume_in_fresh_processes_continues_the_same_losses(runs: Path) -> None
     assert len(parts) >= 2 and metrics["history"][0]["step"] == K_STOP  # [0]: first process
     assert metrics["train_wall_s"] == pytest.approx(sum(parts))
     assert metrics["process_wall_s"] >= sum(parts[1:]) and parts[0] > 0
+
+
+def test_an_interrupted_epochs_time_is_carried_into_the_resumed_run(runs: Path) -> None:
+    """Run K was killed after its step-2 checkpoint (2 steps of >= 1 s); the resumed process
+    reports epoch 0's time including them: more than its own whole wall time."""
+    state = _load(runs / "K" / "checkpoints" / "latest" / "train_state.pt")["train"]
+    assert state["step"] == 4 and state["epoch_elapsed_s"] == 0.0  # recorded in history now
+    metrics = json.loads((runs / "K" / "metrics.json").read_text())
+    (epoch0,) = metrics["history"]
+    assert epoch0["epoch"] == 0 and epoch0["step"] == 4
+    assert epoch0["epoch_s"] >= 2 * SLOW_STEP_S
+    assert epoch0["epoch_s"] > metrics["process_wall_s"]  # only the carry can make it so
+    assert metrics["train_wall_s"] == pytest.approx(epoch0["epoch_s"])
 
 
 def test_table_wise_checkpoint_loads_plain_and_row_wise(runs: Path, tiny_dataset: Path) -> None:
