@@ -28,10 +28,12 @@ requested benches; rank 0 reports through a file and this process prints one lin
 - eval: forward under no_grad over M batches of the valid split (eval_batch_size), same split.
 - flops (genci only): FLOPs of one generator forward+backward (encoder + teacher-forced NTP
   decoder + loss, backward by autograd.grad so DDP's hooks stay out) and of one beam search
-  (forward only) on a real local batch, counted by FlopCounterMode; achieved GFLOP/s =
-  FLOPs / median wall time of the same call; matmul_gflops = n×n fp32 torch.mm on the same
+  (forward only) on a real local batch with its histories padded to max_history
+  (history_tokens wide: the worst case, and the same batch whatever the bucketing), under
+  the run's autocast (dtype), counted by FlopCounterMode; achieved GFLOP/s = FLOPs / median
+  wall time of the same call; matmul_gflops = n×n torch.mm in the same dtype on the same
   threads; ratio = achieved / matmul. gflop_per_sample is per sample of the local batch.
-- matmul: the matmul rate alone.
+- matmul: the matmul rate alone (bfloat16 under train.autocast_bf16, else float32).
 
 Variants (`--variant NAME:"OVERRIDES"`) re-run every measurement with their overrides;
 with `--repeats R` the variants are interleaved within each repeat and, when R > 1 or there
@@ -147,7 +149,9 @@ def run_rank(spec: RunSpec, run_dir: str) -> list[dict[str, Any]] | None:
             per_rank["flops"] = measure_flops(trainer, task, spec.flops_reps)
         if "flops" in spec.benches or "matmul" in spec.benches:
             env.barrier()
-            per_rank["matmul"] = measure_matmul(spec.matmul_size, spec.matmul_reps)
+            per_rank["matmul"] = measure_matmul(
+                spec.matmul_size, spec.matmul_reps,
+                torch.bfloat16 if cfg.train.autocast_bf16 else torch.float32)
         per_rank["rss"] = peak_rss_mb()
         per_rank["threads"] = torch.get_num_threads()
         gathered = env.all_gather_object(per_rank)
@@ -192,6 +196,8 @@ def report_lines(spec: RunSpec, cfg: Any, ranks: list[dict[str, Any]],
             lines.append({
                 "bench": "flops", **base, "batch_size": cfg.data.batch_size,
                 "local_batch": local, "steps": spec.flops_reps,
+                "history_tokens": f[0]["history_tokens"],
+                "dtype": "bfloat16" if cfg.train.autocast_bf16 else "float32",
                 "samples_per_s": sum(x["samples_per_s"] for x in f),
                 "step_s": _mean([x["fwd_bwd_s"] for x in f]),
                 "split_s": {"fwd_bwd": _mean([x["fwd_bwd_s"] for x in f]),
@@ -206,6 +212,7 @@ def report_lines(spec: RunSpec, cfg: Any, ranks: list[dict[str, Any]],
             lines.append({"bench": "matmul", **base, "batch_size": spec.matmul_size,
                           "steps": spec.matmul_reps, "samples_per_s": None, "step_s": mm_s,
                           "split_s": {}, "matmul_gflops": mm,
+                          "matmul_dtype": ranks[0]["matmul"]["matmul_dtype"],
                           "matmul_gflops_all_ranks": mm * len(ranks)})
     return lines
 

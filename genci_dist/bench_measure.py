@@ -14,6 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from data_pipes.stream import build_loader
+from genci_dist.model.build import batch_fields
+
 FORWARD_PHASES = ("embedding", "encoder", "decoder", "generation", "attention", "mlp")
 TRAIN_PHASES = ("data", *FORWARD_PHASES, "forward_other", "backward", "optimizer")
 EVAL_PHASES = ("data", *FORWARD_PHASES, "forward_other")
@@ -184,44 +187,59 @@ def _median_time(fn: Callable[[], Any], reps: int) -> float:
     return statistics.median(times)
 
 
-def measure_matmul(n: int, reps: int) -> dict[str, float]:
-    a, b, out = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+def measure_matmul(n: int, reps: int, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """n×n torch.mm in `dtype` (bfloat16 when the run trains under bf16 autocast, so the
+    generator's rate is set against the rate its matmuls can reach)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    out = torch.empty(n, n, dtype=dtype)
     torch.mm(a, b, out=out)
     t = time.perf_counter()
     for _ in range(max(1, reps)):
         torch.mm(a, b, out=out)
     dt = (time.perf_counter() - t) / max(1, reps)
-    return {"matmul_s": dt, "matmul_gflops": 2 * n**3 / dt / 1e9}
+    return {"matmul_s": dt, "matmul_gflops": 2 * n**3 / dt / 1e9,
+            "matmul_dtype": str(dtype).removeprefix("torch.")}
 
 
-def measure_flops(trainer: Any, task: nn.Module, reps: int) -> dict[str, float]:
-    """Generator forward+backward and beam search on one real local batch: FLOPs and time."""
+def measure_flops(trainer: Any, task: nn.Module, reps: int) -> dict[str, Any]:
+    """Generator forward+backward and beam search on one real local batch, under the run's
+    autocast: FLOPs and time. The batch's histories are padded to max_history (no length
+    bucketing): the first batch of a bucketed epoch has an arbitrary width, which made the
+    per-sample count (and the achieved rate) depend on which bucket came first."""
     from torch.utils.flop_counter import FlopCounterMode
 
     gen = task.generator
-    batch = next(iter(trainer.train_loader)).to(trainer.env.device)
+    d = trainer.cfg.data
+    loader = build_loader(
+        trainer.dataset_dir, "train", batch_size=d.batch_size // trainer.env.world_size,
+        rank=trainer.env.rank, world_size=trainer.env.world_size, num_workers=0, seed=d.seed,
+        shuffle=True, pad_history_to=d.max_history, max_history=d.max_history,
+        **batch_fields(trainer.cfg.model), bucket_window=0)
+    batch = next(iter(loader)).to(trainer.env.device)
     params = [p for p in gen.parameters() if p.requires_grad]
     weights = batch.labels if task.cfg.ntp_on == "positive" else torch.ones_like(batch.labels)
     task.train()
 
     def fwd_bwd() -> None:
-        enc, mask = gen.encode(batch.history_tokens)
-        logits = gen.ntp_logits(enc, mask, batch.target_tokens)
-        loss = gen.ntp_loss(logits, batch.target_tokens, weights)
+        with trainer._autocast():
+            enc, mask = gen.encode(batch.history_tokens)
+            logits = gen.ntp_logits(enc, mask, batch.target_tokens)
+            loss = gen.ntp_loss(logits, batch.target_tokens, weights)
         torch.autograd.grad(loss, params, allow_unused=True)
 
     with FlopCounterMode(display=False) as counter:
         fwd_bwd()
     flops = counter.get_total_flops()
     t_train = _median_time(fwd_bwd, reps)
-    with torch.no_grad():
+    with torch.no_grad(), trainer._autocast():
         enc, mask = gen.encode(batch.history_tokens)
         with FlopCounterMode(display=False) as counter:
             task.generate(enc, mask)
         gen_flops = counter.get_total_flops()
         t_gen = _median_time(lambda: task.generate(enc, mask), reps)
     b = batch.size
-    return {"local_batch": b, "flops": flops, "fwd_bwd_s": t_train, "gen_flops": gen_flops,
+    return {"local_batch": b, "history_tokens": int(batch.history_tokens.shape[1]),
+            "flops": flops, "fwd_bwd_s": t_train, "gen_flops": gen_flops,
             "generation_s": t_gen, "achieved_gflops": flops / t_train / 1e9,
             "generation_gflops": gen_flops / t_gen / 1e9, "samples_per_s": b / t_train}
 

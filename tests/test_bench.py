@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from data_pipes.collate import load_item_tokens
 from genci_dist.bench import main, parse_variant, summarize
 from genci_dist.bench_measure import EVAL_PHASES, FORWARD_PHASES, TRAIN_PHASES
 
@@ -40,7 +41,9 @@ def _check_split(line: dict[str, Any], phases: tuple[str, ...]) -> None:
 def test_world_size_1_lines_and_variants(capsys: pytest.CaptureFixture[str],
                                          tiny_dataset: Path) -> None:
     lines = _run(capsys, tiny_dataset, "--world-sizes", "1", "--inprocess",
-                 "--variant", "slow:--train.lr 0.001", "--variant", "fast:--train.lr=0.002")
+                 "--variant", "slow:--train.lr 0.001",
+                 "--variant", "fast:--train.lr=0.002 --train.autocast_bf16 true")
+    per_item = load_item_tokens(tiny_dataset)[0].shape[1]
     runs = [x for x in lines if x["repeat"] == 0]
     summaries = [x for x in lines if x["repeat"] == "median"]
     assert [(x["bench"], x["variant"]) for x in runs] == [
@@ -51,7 +54,9 @@ def test_world_size_1_lines_and_variants(capsys: pytest.CaptureFixture[str],
         assert x["world_size"] == 1 and x["model"] == "genci" and x["threads"] == 1
         assert x["peak_rss_mb"] > 0 and x["torch"]
     for x in runs:
-        own = ["--train.lr", "0.001"] if x["variant"] == "slow" else ["--train.lr=0.002"]
+        own = (["--train.lr", "0.001"] if x["variant"] == "slow"
+               else ["--train.lr=0.002", "--train.autocast_bf16", "true"])
+        dtype = "float32" if x["variant"] == "slow" else "bfloat16"
         assert x["overrides"][-len(own):] == own
         if x["bench"] == "train":
             assert x["batch_size"] == 64 and x["steps"] == 2 and x["samples"] == 128
@@ -64,8 +69,12 @@ def test_world_size_1_lines_and_variants(capsys: pytest.CaptureFixture[str],
             assert x["gflop_per_sample"] > x["generation_gflop_per_sample"] > 0
             assert x["achieved_gflops"] > 0 and x["matmul_gflops"] > 0
             assert x["ratio"] == pytest.approx(x["achieved_gflops"] / x["matmul_gflops"])
+            # full-width histories (max_history 5 items × tokens per item), under the
+            # variant's autocast
+            assert x["history_tokens"] == 5 * per_item and x["dtype"] == dtype
         else:
             assert x["bench"] == "matmul" and x["matmul_gflops"] > 0
+            assert x["matmul_dtype"] == dtype
     first = next(x for x in summaries if x["bench"] == "train" and x["variant"] == "slow")
     assert first["speedup"] == 1.0 and first["repeats"] == 1
 
