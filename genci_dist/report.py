@@ -58,14 +58,22 @@ def write_training_curves(history: list[dict[str, Any]], run_dir: Path) -> Path 
 
 def compare_table(runs: Sequence[Path], split: str = "test", base: str | None = None) -> str:
     """A Markdown table of AUC / LogLoss / GAUC / RelaImpr (+ best epoch and train wall time
-    when the file is a run's metrics.json) for several runs, each named after its run folder
-    (so several GenCI ablations stay apart)."""
+    from the run's metrics.json: the file itself, or the one beside an evaluate output) for
+    several runs, each named after its run folder (so several GenCI ablations stay apart)."""
     rows = []
     for path in runs:
         m = json.loads(Path(path).read_text())
         parent = Path(path).resolve().parent.name
         name = parent if parent else m.get("model", str(path))
-        rows.append((name, m[split] if split in m else m, m))  # run metrics or evaluate output
+        if split in m:                 # a run's metrics.json
+            rows.append((name, m[split], m))
+            continue
+        # an evaluate output (e.g. eval_test.json of the checkpoint resharded into one
+        # process): its metrics; best epoch and training time from the run's metrics.json
+        # beside it, when there is one
+        run_metrics = Path(path).resolve().parent / "metrics.json"
+        info = json.loads(run_metrics.read_text()) if run_metrics.is_file() else {}
+        rows.append((name, m, info))
     base_auc = None
     if base is not None:
         base_auc = next((r[1]["auc"] for r in rows if r[0] == base), None)

@@ -264,3 +264,16 @@ def test_compare_table_relaimpr_and_time_across_resumes(tmp_path: Path) -> None:
     rows = compare_table([base, resumed], base="deepfm").splitlines()[2:]
     assert rows[0] == "| deepfm | 0.8000 | 0.5000 | 0.7000 | +0.00% | 4 | 1.5 |"
     assert rows[1] == "| genci | 0.8300 | 0.4500 | 0.7200 | +10.00% | 1 | 3.0 |"
+
+    # evaluate outputs (the quickstart's resharded evaluation): their own metrics, the best
+    # epoch and time from the run's metrics.json beside them; "–" without one
+    evals = []
+    for name, auc in (("deepfm", 0.81), ("genci", 0.84), ("lone", 0.5)):
+        (tmp_path / name).mkdir(exist_ok=True)
+        evals.append(tmp_path / name / "eval_test.json")
+        evals[-1].write_text(json.dumps({"model": name, "split": "test", "auc": auc,
+                                         "logloss": 0.4, "gauc": 0.7}))
+    rows = compare_table(evals, base="deepfm").splitlines()[2:]
+    assert rows[0] == "| deepfm | 0.8100 | 0.4000 | 0.7000 | +0.00% | 4 | 1.5 |"
+    assert rows[1] == "| genci | 0.8400 | 0.4000 | 0.7000 | +9.68% | 1 | 3.0 |"
+    assert rows[2] == "| lone | 0.5000 | 0.4000 | 0.7000 | -100.00% | – | – |"
