@@ -65,6 +65,8 @@ run_one() {  # train one model to early stopping, then evaluate its best checkpo
   else
     python -m genci_dist.train "${args[@]}"
   fi
+  # this invocation only (a killed one never gets here); for a run resumed across sessions
+  # the training time is metrics.json's train_wall_s, which carries interrupted epochs over
   echo "$(( $(date +%s) - t0 ))" > "$run/wall_seconds.txt"
   python -m genci_dist.evaluate --checkpoint "$run/checkpoints/best" --split test \
     --out "$run/eval_test.json" --predictions "$run/predictions_test.parquet"
