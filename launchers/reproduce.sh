@@ -8,7 +8,8 @@
 #   ./launchers/reproduce.sh ml1m                # GenCI, DeepFM, DCNv2, DIN on ML-1M
 #   MODELS="deepfm din" ./launchers/reproduce.sh ml1m
 #
-# Knobs: RUNS (default runs/repro), NPROC (default 1, the setting the recorded tables used;
+# Knobs: REPORT_ONLY=1 (train nothing: rewrite results.md, the volatility table and GenCI's
+# figures from the set's finished runs), RUNS (default runs/repro), NPROC (default 1, the setting the recorded tables used;
 # NPROC=2 = 2 ranks × 1 thread, measured 1.3x faster for GenCI on ML-1M in session 6 — see
 # README "Speed", Threads), JOBS
 # (default 1; JOBS=2 trains two models side by side with one thread each — GenCI gains little
@@ -72,7 +73,9 @@ run_one() {  # train one model to early stopping, then evaluate its best checkpo
     --out "$run/eval_test.json" --predictions "$run/predictions_test.parquet"
 }
 
-if [ "$JOBS" -le 1 ]; then
+if [ "${REPORT_ONLY:-0}" = 1 ]; then
+  echo "=== REPORT_ONLY: no training; reports from the finished runs in $out"
+elif [ "$JOBS" -le 1 ]; then
   for name in "${runs[@]}"; do
     echo "=== $(date +%T) $name → $out/$name"
     run_one "$name"
@@ -110,3 +113,25 @@ fi
 [ -f "$out/deepfm/metrics.json" ] && base="--base deepfm"
 # shellcheck disable=SC2086
 python -m genci_dist.report compare "${metrics[@]}" $base | tee "$out/results.md"
+
+# Table 5 and the figures, from what has finished: interest volatility over every model with
+# test predictions (DeepFM the base), and for a finished GenCI run its training curves and
+# Fig. 4 (t-SNE of the intents) in its run folder. The ablation set has its own table only.
+if [ "$what" != ml100k-ablations ]; then
+  preds=()
+  for name in deepfm dcnv2 din genci; do
+    p="$out/$name/predictions_test.parquet"
+    [ -f "$p" ] && preds+=("$name=$p")
+  done
+  if [ "${#preds[@]}" -gt 0 ]; then
+    vbase=""
+    [ -f "$out/deepfm/predictions_test.parquet" ] && vbase="--base deepfm"
+    # shellcheck disable=SC2086
+    python -m genci_dist.report volatility --data "$data" --predictions "${preds[@]}" \
+      --out "$out/volatility" $vbase
+  fi
+  if [ -f "$out/genci/metrics.json" ] && [ -e "$out/genci/checkpoints/best" ]; then
+    python -m genci_dist.report figures --run "$out/genci" \
+      --checkpoint "$out/genci/checkpoints/best" --data "$data" --tsne-samples 1500
+  fi
+fi
