@@ -9,9 +9,9 @@
 #   MODELS="deepfm din" ./launchers/reproduce.sh ml1m
 #
 # Knobs: REPORT_ONLY=1 (train nothing: rewrite results.md, the volatility table and GenCI's
-# figures from the set's finished runs), RUNS (default runs/repro), NPROC (default 1, the setting the recorded tables used;
-# NPROC=2 = 2 ranks × 1 thread, measured 1.3x faster for GenCI on ML-1M in session 6 — see
-# README "Speed", Threads), JOBS
+# figures from the set's finished runs), RUNS (default runs/repro), NPROC (default 1, the
+# setting the recorded tables used; NPROC=2 = 2 ranks × 1 thread, measured 1.3x faster for
+# GenCI on ML-1M in session 6 — see README "Speed", Threads), JOBS
 # (default 1; JOBS=2 trains two models side by side with one thread each — GenCI gains little
 # from a second thread, README "Speed"), EXTRA (more config overrides for every run). Each
 # run resumes from its latest checkpoint if interrupted (checkpoint.resume = auto), so
