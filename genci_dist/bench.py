@@ -149,6 +149,7 @@ def run_rank(spec: RunSpec, run_dir: str) -> list[dict[str, Any]] | None:
             per_rank["flops"] = measure_flops(trainer, task, spec.flops_reps)
         if "flops" in spec.benches or "matmul" in spec.benches:
             env.barrier()
+            # in the run's autocast dtype; the flops line reports it as its own dtype
             per_rank["matmul"] = measure_matmul(
                 spec.matmul_size, spec.matmul_reps,
                 torch.bfloat16 if cfg.train.autocast_bf16 else torch.float32)
@@ -197,7 +198,7 @@ def report_lines(spec: RunSpec, cfg: Any, ranks: list[dict[str, Any]],
                 "bench": "flops", **base, "batch_size": cfg.data.batch_size,
                 "local_batch": local, "steps": spec.flops_reps,
                 "history_tokens": f[0]["history_tokens"],
-                "dtype": "bfloat16" if cfg.train.autocast_bf16 else "float32",
+                "dtype": ranks[0]["matmul"]["matmul_dtype"],  # = the run's autocast dtype
                 "samples_per_s": sum(x["samples_per_s"] for x in f),
                 "step_s": _mean([x["fwd_bwd_s"] for x in f]),
                 "split_s": {"fwd_bwd": _mean([x["fwd_bwd_s"] for x in f]),

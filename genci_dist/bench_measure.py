@@ -14,9 +14,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from data_pipes.stream import build_loader
-from genci_dist.model.build import batch_fields
-
 FORWARD_PHASES = ("embedding", "encoder", "decoder", "generation", "attention", "mlp")
 TRAIN_PHASES = ("data", *FORWARD_PHASES, "forward_other", "backward", "optimizer")
 EVAL_PHASES = ("data", *FORWARD_PHASES, "forward_other")
@@ -209,12 +206,8 @@ def measure_flops(trainer: Any, task: nn.Module, reps: int) -> dict[str, Any]:
     from torch.utils.flop_counter import FlopCounterMode
 
     gen = task.generator
-    d = trainer.cfg.data
-    loader = build_loader(
-        trainer.dataset_dir, "train", batch_size=d.batch_size // trainer.env.world_size,
-        rank=trainer.env.rank, world_size=trainer.env.world_size, num_workers=0, seed=d.seed,
-        shuffle=True, pad_history_to=d.max_history, max_history=d.max_history,
-        **batch_fields(trainer.cfg.model), bucket_window=0)
+    loader = trainer._loader("train", shuffle=True, batch=trainer.local_batch, num_workers=0,
+                             pad_history_to=trainer.cfg.data.max_history, bucket_window=0)
     batch = next(iter(loader)).to(trainer.env.device)
     params = [p for p in gen.parameters() if p.requires_grad]
     weights = batch.labels if task.cfg.ntp_on == "positive" else torch.ones_like(batch.labels)

@@ -107,15 +107,17 @@ class Trainer:
         self.tb = ScalarWriter(tb_dir)
 
     # ---- pieces -------------------------------------------------------------------------
-    def _loader(self, split: str, shuffle: bool, batch: int) -> Any:
+    def _loader(self, split: str, shuffle: bool, batch: int, **overrides: Any) -> Any:
+        """This run's loader of `split`; `overrides` replace build_loader arguments (the
+        benchmark's full-width batch: pad_history_to, bucket_window, num_workers)."""
         d = self.cfg.data
-        return build_loader(
-            self.dataset_dir, split, batch_size=batch, rank=self.env.rank,
-            world_size=self.env.world_size, num_workers=d.num_workers, seed=d.seed,
-            shuffle=shuffle, pad_history_to=d.pad_history_to or None,
-            max_history=d.max_history, keep_freed_memory=self.cfg.train.keep_freed_memory,
-            **batch_fields(self.cfg.model),
-            bucket_window=d.bucket_window if shuffle else 0)
+        kwargs: dict[str, Any] = dict(
+            batch_size=batch, rank=self.env.rank, world_size=self.env.world_size,
+            num_workers=d.num_workers, seed=d.seed, shuffle=shuffle,
+            pad_history_to=d.pad_history_to or None, max_history=d.max_history,
+            keep_freed_memory=self.cfg.train.keep_freed_memory,
+            **batch_fields(self.cfg.model), bucket_window=d.bucket_window if shuffle else 0)
+        return build_loader(self.dataset_dir, split, **(kwargs | overrides))
 
     def _autocast(self) -> Any:
         return bf16_autocast(self.env.device, self.cfg.train.autocast_bf16)
