@@ -290,3 +290,41 @@ def test_generator_chunks_give_the_same_loss_and_gradients(chunk: int) -> None:
     whole, batch = task_and_batch(6, generator_chunk=0, beam_width=2)
     sliced, _ = task_and_batch(6, generator_chunk=chunk, beam_width=2)
     assert_same_step(sliced, whole, batch)
+
+
+@pytest.mark.parametrize("chunk", [0, 5])
+def test_evaluation_encodes_and_generates_each_distinct_history_once(chunk: int) -> None:
+    """model.dedup_eval_histories: in eval mode the encoder and generation run on the 8
+    distinct histories of a 12-sample batch (rows 0 and 1 repeated, with their own targets and
+    labels), in slices of `chunk`; the loss, its parts, the logits and the intents equal
+    those of the per-sample pass (float32: rtol 1e-6, atol 1e-6)."""
+    task, batch = task_and_batch(7, dedup_eval_histories=True, generator_chunk=chunk,
+                                 beam_width=2)
+    ref, _ = task_and_batch(7, dedup_eval_histories=False, generator_chunk=chunk,
+                            beam_width=2)
+    rows = torch.tensor([0, 1, 0, 2, 1, 0, 3, 4, 5, 0, 6, 7])
+    batch = dataclasses.replace(batch, history_tokens=batch.history_tokens[rows],
+                                history=batch.history[rows])
+    encoded: list[int] = []
+    task.generator.t5.encoder.register_forward_hook(
+        lambda _m, args, kwargs, _out: encoded.append(kwargs["input_ids"].shape[0]),
+        with_kwargs=True)
+    task.eval()
+    ref.eval()
+    with torch.no_grad():
+        loss, parts, logit, _ = task(batch)
+        assert sum(encoded) == 8
+        want_loss, want_parts, want_logit, _ = ref(batch)
+        got_intents, want_intents = task.intents(batch), ref.intents(batch)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=1e-6)
+    assert parts.keys() == want_parts.keys() == {"ctr", "ntp", "sr"}
+    for k in parts:
+        torch.testing.assert_close(parts[k], want_parts[k], rtol=1e-6, atol=1e-6, msg=k)
+    torch.testing.assert_close(logit, want_logit, rtol=1e-6, atol=1e-6)
+    for k in want_intents:
+        torch.testing.assert_close(got_intents[k], want_intents[k], rtol=1e-6, atol=1e-6)
+    # in training mode every sample is encoded (the flag is for evaluation only)
+    encoded.clear()
+    task.train()
+    task(batch)
+    assert sum(encoded) == 12

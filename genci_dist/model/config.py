@@ -10,7 +10,8 @@ from typing import ClassVar, Literal
 class ModelConfig:
     EXECUTION_FIELDS: ClassVar[frozenset[str]] = frozenset({
         "attention", "attention_block", "attention_keep_probs", "generator_chunk",
-        "dedup_histories", "absorb_cross_attention", "reuse_cross_kv"})
+        "dedup_histories", "dedup_eval_histories", "absorb_cross_attention",
+        "reuse_cross_kv"})
     """Fields that choose only how the same function is computed (kernel, blocks, slices,
     shared or absorbed work): a checkpoint resumes or evaluates under any setting of them,
     including fields a newer version added (genci_dist/checkpoint.py `fingerprint`)."""
@@ -44,7 +45,12 @@ class ModelConfig:
     of a batch (0 = whole batch). Per-sample maths, so exact; large batches otherwise lose
     ~25 % per sample to cache misses on this CPU (1×1024 vs 4×256, history 50)."""
     dedup_histories: bool = False
-    """Encode each distinct history of a batch once and share its encoder output."""
+    """Encode each distinct history of a batch once and share its encoder output (training
+    too; a shuffled training batch almost never repeats a history, so off)."""
+    dedup_eval_histories: bool = True
+    """In eval mode, encode and generate once per distinct history of a batch (exact: both
+    are per-sample functions of the history). A quarter of ML-1M's valid and test rows repeat
+    the history of a row beside them (a user's consecutive non-clicks)."""
     absorb_cross_attention: bool = True
     """The decoder's cross-attention maps its few queries into the encoder's d_model space
     instead of projecting every encoder token to keys and values (model/t5_attention.py
