@@ -328,3 +328,10 @@ def test_evaluation_encodes_and_generates_each_distinct_history_once(chunk: int)
     task.train()
     task(batch)
     assert sum(encoded) == 12
+    # a batch of empty histories only (0 tokens wide) is evaluated per sample, as before
+    empty = dataclasses.replace(batch, history_tokens=batch.history_tokens[:, :0],
+                                history=batch.history[:, :0],
+                                history_lengths=torch.zeros_like(batch.history_lengths))
+    task.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(task(empty)[2], ref(empty)[2], rtol=1e-6, atol=1e-6)

@@ -111,7 +111,8 @@ class GenCITask(nn.Module):
         are indexed back; only the teacher-forced decoder, which reads each sample's target,
         runs per sample. Evaluation rows come in each user's time order, so a user's
         consecutive non-clicks share a history: 24-26 % of ML-1M's valid and test rows."""
-        if (self.cfg.dedup_eval_histories and not self.training and tokens.shape[0] > 1):
+        if (self.cfg.dedup_eval_histories and not self.training and tokens.shape[0] > 1
+                and tokens.shape[1] > 0):   # (torch.unique rejects a 0-wide batch)
             uniq, inverse = torch.unique(tokens, dim=0, return_inverse=True)
             if uniq.shape[0] < tokens.shape[0]:
                 enc, mask, _, codes = self._sliced_pass(uniq, None, need_ntp=False)
