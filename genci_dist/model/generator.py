@@ -35,6 +35,17 @@ def build_t5(cfg: ModelConfig, vocab: TokenVocab) -> T5ForConditionalGeneration:
     return t5
 
 
+def distinct_rows(tokens: Tensor) -> tuple[Tensor, Tensor] | None:
+    """(distinct rows, inverse index) of history tokens [B, S] when some row repeats, else
+    None (also for B ≤ 1 and for 0-wide rows, which torch.unique rejects). A per-sample
+    function of the history then runs on the distinct rows and `out[inverse]` gives every
+    sample's result (gradients of the copies add up)."""
+    if tokens.shape[0] < 2 or tokens.shape[1] == 0:
+        return None
+    uniq, inverse = torch.unique(tokens, dim=0, return_inverse=True)
+    return (uniq, inverse) if uniq.shape[0] < tokens.shape[0] else None
+
+
 class Generator(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab: TokenVocab) -> None:
         super().__init__()
@@ -52,11 +63,9 @@ class Generator(nn.Module):
         (the encoder is per-sample, so this is exact; gradients of copies add up)."""
         if history_tokens.shape[1] == 0:
             history_tokens = history_tokens.new_zeros(history_tokens.shape[0], 1)
-        if self.dedup and history_tokens.shape[0] > 1:
-            uniq, inverse = torch.unique(history_tokens, dim=0, return_inverse=True)
-            if uniq.shape[0] < history_tokens.shape[0]:
-                enc, mask = self._encode(uniq)
-                return enc[inverse], mask[inverse]
+        if self.dedup and (rows := distinct_rows(history_tokens)) is not None:
+            enc, mask = self._encode(rows[0])
+            return enc[rows[1]], mask[rows[1]]
         return self._encode(history_tokens)
 
     def _encode(self, history_tokens: Tensor) -> tuple[Tensor, Tensor]:

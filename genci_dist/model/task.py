@@ -25,7 +25,7 @@ from torchrec import EmbeddingCollection, EmbeddingConfig
 from data_pipes.batch import Batch
 from data_pipes.schema import HISTORY_FEATURE, ITEM, FeatureSpec, TokenVocab
 from genci_dist.model.config import ModelConfig
-from genci_dist.model.generator import Generator
+from genci_dist.model.generator import Generator, distinct_rows
 from genci_dist.model.heads import DCNv2, DeepFM, DINAttention, mlp
 from genci_dist.model.intent import CohortIntent
 from genci_dist.model.sparse import FeatureEmbeddings, IntentEmbeddings, cap_members
@@ -111,22 +111,21 @@ class GenCITask(nn.Module):
         are indexed back; only the teacher-forced decoder, which reads each sample's target,
         runs per sample. Evaluation rows come in each user's time order, so a user's
         consecutive non-clicks share a history: 24-26 % of ML-1M's valid and test rows."""
-        if (self.cfg.dedup_eval_histories and not self.training and tokens.shape[0] > 1
-                and tokens.shape[1] > 0):   # (torch.unique rejects a 0-wide batch)
-            uniq, inverse = torch.unique(tokens, dim=0, return_inverse=True)
-            if uniq.shape[0] < tokens.shape[0]:
-                enc, mask, _, codes = self._sliced_pass(uniq, None, need_ntp=False)
-                enc, mask = enc[inverse], mask[inverse]
-                logits = None
-                if need_ntp:
-                    assert targets is not None
-                    step = self._step(tokens.shape[0])
-                    logits = torch.cat([
-                        self.generator.ntp_logits(enc[i:i + step], mask[i:i + step],
-                                                  targets[i:i + step])
-                        for i in range(0, tokens.shape[0], step)])
-                return enc, mask, logits, None if codes is None else codes[inverse]
-        return self._sliced_pass(tokens, targets, need_ntp)
+        rows = (distinct_rows(tokens) if self.cfg.dedup_eval_histories and not self.training
+                else None)
+        if rows is None:
+            return self._sliced_pass(tokens, targets, need_ntp)
+        uniq, inverse = rows
+        enc, mask, _, codes = self._sliced_pass(uniq, None, need_ntp=False)
+        enc, mask = enc[inverse], mask[inverse]
+        logits = None
+        if need_ntp:
+            assert targets is not None
+            step = self._step(tokens.shape[0])
+            logits = torch.cat([
+                self.generator.ntp_logits(enc[i:i + step], mask[i:i + step], targets[i:i + step])
+                for i in range(0, tokens.shape[0], step)])
+        return enc, mask, logits, None if codes is None else codes[inverse]
 
     def _step(self, n: int) -> int:
         chunk = self.cfg.generator_chunk
