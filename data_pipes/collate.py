@@ -118,17 +118,21 @@ class Rows:
     # a multi-valued feature's (offsets [n+1] int64, values) with padding ids dropped.
     columns: list[int | tuple[np.ndarray, np.ndarray]]
     no_missing: bool           # no scalar feature has a 0 id: every scalar bag holds one id
-    hist: np.ndarray           # [n, W] int32 (int64 past int32 ids), left-aligned, 0-padded;
-    #                            W = longest kept history
+    hist: np.ndarray | None    # [n, W] int32 (int64 past int32 ids), left-aligned, 0-padded;
+    #                            W = longest kept history; None if not decoded (dense=False)
     hist_len: np.ndarray       # [n] int64 (after max_history)
     token_rows: int | None     # item ids were checked to index a token table this long
 
 
 def decode_rows(table: pa.Table, features: list[FeatureSpec], where: Where,
-                max_history: int | None = None, token_rows: int | None = None) -> Rows:
+                max_history: int | None = None, token_rows: int | None = None,
+                dense_history: bool = True) -> Rows:
     """Validate and decode sample rows once. `where` names a row in errors; `max_history`
     keeps only the most recent items of longer stored histories (shorter sequences at read
-    time); `token_rows` = rows of the semantic-ID table (item ids must index it)."""
+    time); `token_rows` = rows of the semantic-ID table (item ids must index it).
+    dense_history=False skips the dense history matrix (`hist` is None) for batches that
+    read neither the history's ids nor its tokens (DeepFM, DCNv2): its lengths and its ids'
+    validation stay."""
     n = table.num_rows
     present = set(table.column_names)
     missing = [c for c in (USER, ITEM, LABEL, HISTORY, *(f.name for f in features))
@@ -185,10 +189,12 @@ def decode_rows(table: pa.Table, features: list[FeatureSpec], where: Where,
     # Dense left-aligned histories, built once per table (a row-major boolean scatter; faster
     # than a window gather + zeroing): a batch then copies whole rows. int32 when the ids fit
     # (half the bytes to write here and to gather per batch), else int64.
-    small = item_card is not None and item_card <= np.iinfo(np.int32).max + 1
-    hist = np.zeros((n, max(int(h_len.max(initial=0)), 1)),
-                    dtype=np.int32 if small else np.int64)
-    hist[np.take(_valid_mask(hist.shape[1]), h_len, axis=0)] = h_vals
+    hist = None
+    if dense_history:
+        small = item_card is not None and item_card <= np.iinfo(np.int32).max + 1
+        hist = np.zeros((n, max(int(h_len.max(initial=0)), 1)),
+                        dtype=np.int32 if small else np.int64)
+        hist[np.take(_valid_mask(hist.shape[1]), h_len, axis=0)] = h_vals
     stacked = np.empty((n, len(scalars)), dtype=np.int64)
     for c, vals in enumerate(scalars):
         stacked[:, c] = vals
@@ -287,6 +293,9 @@ def gather_batch(parts: list[tuple[Rows, np.ndarray]], row_ids: np.ndarray,
     # rows (a row memcpy each), cut to this batch's width; rows are left-aligned, so every
     # position past a row's length is already 0. Only when the batch or the token lookup
     # needs them.
+    if (with_history_ids or item_tokens is not None) and any(r.hist is None for r, _ in parts):
+        raise ValueError("these rows were decoded without their dense history "
+                         "(decode_rows(dense_history=False))")
     ids = (_history_ids(parts, b, width)
            if with_history_ids or item_tokens is not None else None)
     if with_history_ids:

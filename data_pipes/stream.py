@@ -269,7 +269,9 @@ class StreamingSplit(IterableDataset):
                 return f"{g.path} (row group {g.index}, row {row})"
 
             rows = decode_rows(table, self.features, where, self.max_history,
-                               None if self.item_tokens is None else self.item_tokens.shape[0])
+                               None if self.item_tokens is None else self.item_tokens.shape[0],
+                               dense_history=self.with_history_ids
+                               or self.item_tokens is not None)
             cache.groups[k] = (rows, plan.row_perm(k))
         return cache.groups[k]
 

@@ -169,3 +169,38 @@ def test_decode_errors_name_the_row_and_field() -> None:
         gather_batch([(rows, np.arange(10))], np.arange(10), FEATURES, None, pad_history_to=1)
     with pytest.raises(ValueError, match="not validated against this semantic-ID table"):
         gather_batch([(rows, np.arange(10))], np.arange(10), FEATURES, tokens)
+
+
+def test_rows_without_dense_history_give_the_same_fields_batch() -> None:
+    """The fields layout (no history ids, no tokens; DeepFM, DCNv2) gathers from rows decoded
+    without the dense history matrix: the same Batch, field for field; the history's ids are
+    still validated, and a layout that needs them refuses such rows."""
+    rng = np.random.default_rng(3)
+    tables = [_table(rng, 40), _table(rng, 25)]
+    picks = [rng.permutation(40)[:17], rng.permutation(25)[:9]]
+    row_ids = np.concatenate([1000 + picks[0], 2000 + picks[1]])
+    batches = []
+    for dense in (True, False):
+        decoded = [decode_rows(t, FEATURES, "g", 3, dense_history=dense) for t in tables]
+        assert all((r.hist is None) != dense for r in decoded)
+        batches.append(gather_batch(list(zip(decoded, picks, strict=True)), row_ids, FEATURES,
+                                    None, with_history_ids=False))
+    a, b = batches
+    for name in ("history", "history_lengths", "history_tokens", "target_tokens", "labels",
+                 "user_ids", "item_ids", "row_ids"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    for kjt in ("sparse_features", "sequence_features"):
+        x, y = getattr(a, kjt), getattr(b, kjt)
+        assert x.keys() == y.keys()
+        assert torch.equal(x.lengths(), y.lengths()) and torch.equal(x.values(), y.values())
+    assert a.history_lengths.tolist() == [
+        min(len(t.column("history")[int(r)].as_py()), 3)
+        for t, p in zip(tables, picks, strict=True) for r in p]
+    t = tables[0]
+    bad = t.set_column(t.column_names.index("history"), "history",
+                       pa.array([[1]] * 39 + [[2, 31]], pa.list_(pa.int32())))
+    with pytest.raises(DatasetError, match=r"g \(batch row 39\): field 'history' has id 31"):
+        decode_rows(bad, FEATURES, "g", dense_history=False)
+    light = decode_rows(t, FEATURES, "g", dense_history=False)
+    with pytest.raises(ValueError, match="without their dense history"):
+        gather_batch([(light, np.arange(5))], np.arange(5), FEATURES, None)
