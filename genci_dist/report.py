@@ -9,9 +9,12 @@
     python -m genci_dist.report volatility --data DIR --predictions NAME=FILE ... --out DIR
             [--base NAME]
         fast- vs slow-changing users' AUC / LogLoss for several models (paper Table 5)
+    python -m genci_dist.report calibration --valid NAME=FILE ... --test NAME=FILE ... --out DIR
+        how much of each model's test LogLoss is calibration: a prior shift and Platt's map
+        fitted on its valid predictions, applied to its test predictions
 
 Prediction files come from `python -m genci_dist.evaluate --checkpoint RUN/checkpoints/best
---split test --predictions FILE`.
+--split test --predictions FILE` (`--split valid` for calibration's valid ones).
 """
 
 from __future__ import annotations
@@ -98,7 +101,7 @@ def _train_seconds(m: dict) -> float | None:
     return m.get("train_wall_s")
 
 
-def _named_files(items: Sequence[str]) -> dict[str, Path]:
+def _named_files(items: Sequence[str], flag: str = "--predictions") -> dict[str, Path]:
     """NAME=FILE pairs (a bare FILE is named after its stem) in the order given."""
     from genci_dist.analysis import AnalysisError
 
@@ -108,9 +111,9 @@ def _named_files(items: Sequence[str]) -> dict[str, Path]:
         if not sep:
             name, file = Path(item).stem, item
         if not name or not file:
-            raise AnalysisError(f"--predictions {item!r}: expected NAME=FILE")
+            raise AnalysisError(f"{flag} {item!r}: expected NAME=FILE")
         if name in out:
-            raise AnalysisError(f"--predictions: model name {name!r} given twice")
+            raise AnalysisError(f"{flag}: model name {name!r} given twice")
         out[name] = Path(file)
     return out
 
@@ -185,12 +188,23 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--base", default=None, help="model name to compute RelaImpr against")
     v.add_argument("--feature", default=None, help="item set column (default: genres, "
                    "else categories)")
+    k = sub.add_parser("calibration", help="test LogLoss after recalibration maps fitted "
+                       "on valid predictions")
+    k.add_argument("--valid", nargs="+", required=True, metavar="NAME=FILE")
+    k.add_argument("--test", nargs="+", required=True, metavar="NAME=FILE")
+    k.add_argument("--out", required=True, type=Path, help="output folder")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from data_pipes.schema import DatasetError
-    from genci_dist.analysis import AnalysisError, volatility_comparison, write_volatility
+    from genci_dist.analysis import (
+        AnalysisError,
+        calibration_comparison,
+        volatility_comparison,
+        write_calibration,
+        write_volatility,
+    )
     from genci_dist.config import ConfigError
 
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
@@ -198,6 +212,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(compare_table(args.runs, split=args.split, base=args.base))
         return 0
     try:
+        if args.command == "calibration":
+            result = calibration_comparison(_named_files(args.valid, "--valid"),
+                                            _named_files(args.test, "--test"))
+            written = write_calibration(result, args.out)
+            print(Path(written[1]).read_text(), end="")
+            for path in written:
+                print(f"wrote {path}")
+            return 0
         preds = _named_files(args.predictions)
         if args.command == "figures":
             written = figures(args.run, args.checkpoint, args.data, preds, args.tsne_samples,

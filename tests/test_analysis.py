@@ -18,6 +18,8 @@ from sklearn.metrics import log_loss, roc_auc_score
 
 from genci_dist.analysis import (
     AnalysisError,
+    calibration_comparison,
+    fit_calibration,
     group_metrics,
     interest_volatility,
     item_genre_sets,
@@ -277,3 +279,65 @@ def test_compare_table_relaimpr_and_time_across_resumes(tmp_path: Path) -> None:
     assert rows[0] == "| deepfm | 0.8100 | 0.4000 | 0.7000 | +0.00% | 4 | 1.5 |"
     assert rows[1] == "| genci | 0.8400 | 0.4000 | 0.7000 | +9.68% | 1 | 3.0 |"
     assert rows[2] == "| lone | 0.5000 | 0.4000 | 0.7000 | -100.00% | – | – |"
+
+
+def test_calibration_fit_hand_computed_and_equal_to_sklearn() -> None:
+    from scipy.special import expit
+    from sklearn.linear_model import LogisticRegression
+
+    # all logits 0, 3 clicks of 4: the prior shift is logit(3/4) = ln 3 exactly
+    fit = fit_calibration(np.zeros(4), np.array([1.0, 1.0, 1.0, 0.0]))
+    assert fit["shift"] == pytest.approx(math.log(3), abs=1e-10)
+    assert fit["intercept"] == pytest.approx(math.log(3), abs=1e-6)
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=5000)
+    y = (rng.random(5000) < expit(0.6 * z + 0.4)).astype(np.float64)
+    fit = fit_calibration(z, y)
+    # first-order conditions of both maximum-likelihood fits
+    assert np.mean(expit(z + fit["shift"])) == pytest.approx(y.mean(), abs=1e-12)
+    r = expit(fit["slope"] * z + fit["intercept"]) - y
+    assert abs(np.mean(r)) < 1e-8 and abs(np.mean(r * z)) < 1e-8
+    ref = LogisticRegression(C=np.inf, tol=1e-12, max_iter=1000).fit(z[:, None], y)
+    assert fit["slope"] == pytest.approx(float(ref.coef_[0, 0]), abs=1e-5)
+    assert fit["intercept"] == pytest.approx(float(ref.intercept_[0]), abs=1e-5)
+    with pytest.raises(AnalysisError, match="needs both labels"):
+        fit_calibration(z[:3], np.ones(3))
+
+
+def test_calibration_recovers_a_known_overconfidence(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Labels drawn from true probabilities q; the model reports logit 2·logit(q) + 0.5
+    (over-confident, shifted). Platt's map fitted on valid must undo it (a = 0.5, b = -0.25)
+    and bring test LogLoss down to that of q itself; AUC is untouched."""
+    from scipy.special import expit, logit
+
+    from genci_dist.report import main
+
+    rng = np.random.default_rng(1)
+    files = {}
+    for split, n in (("valid", 200_000), ("test", 100_000)):
+        q = expit(rng.normal(1.0, 1.5, n))
+        y = (rng.random(n) < q).astype(np.float64)
+        files[split] = _write_predictions(tmp_path / f"{split}.parquet", np.arange(n) % 97, y,
+                                          expit(2 * logit(q) + 0.5))
+        if split == "test":
+            best = log_loss(y, q)
+            raw = log_loss(y, expit(2 * logit(q) + 0.5))
+    m = calibration_comparison({"m": files["valid"]}, {"m": files["test"]})["models"]["m"]
+    assert m["slope"] == pytest.approx(0.5, abs=0.01)
+    assert m["intercept"] == pytest.approx(-0.25, abs=0.02)
+    assert m["test_logloss"] == pytest.approx(raw, abs=1e-5)   # float32 probabilities stored
+    assert m["test_logloss_platt"] == pytest.approx(best, abs=1e-3) and best < raw - 0.05
+    assert m["test_logloss_shifted"] < m["test_logloss"]
+    out = tmp_path / "out"
+    assert main(["calibration", "--valid", f"m={files['valid']}", "--test",
+                 f"m={files['test']}", "--out", str(out)]) == 0
+    assert "| m | " in (out / "calibration.md").read_text()
+    assert json.loads((out / "calibration.json").read_text())["models"]["m"]["slope"] == \
+        pytest.approx(m["slope"], abs=1e-12)
+    capsys.readouterr()
+    bad = tmp_path / "bad"
+    assert main(["calibration", "--valid", f"m={files['valid']}", "--test",
+                 f"other={files['test']}", "--out", str(bad)]) == 2
+    assert "valid has ['m'], test has ['other']" in capsys.readouterr().err
+    assert not bad.exists()
