@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The paper-protocol runs behind README "Results" (issue 6): early stopping on valid AUC with
 # patience 2, the official MovieLens hyper-parameters (configs/ml100k.toml, configs/ml1m.toml),
-# the best checkpoint evaluated on test with per-sample predictions, then the report.
+# the best checkpoint evaluated on test (and valid) with per-sample predictions, then the
+# report: results.md, calibration (LogLoss after maps fitted on valid), Table 5, figures.
 #
 #   ./launchers/reproduce.sh ml100k              # GenCI, DeepFM, DCNv2, DIN on ML-100K
 #   ./launchers/reproduce.sh ml100k-ablations    # the four Table 4 ablations of GenCI
@@ -55,7 +56,7 @@ overrides_for() {  # run name → model overrides
 }
 
 out="$RUNS/$what"
-run_one() {  # train one model to early stopping, then evaluate its best checkpoint on test
+run_one() {  # train one model to early stopping, then evaluate its best checkpoint
   local name="$1" run="$out/$1" t0
   # shellcheck disable=SC2046
   local args=(--config "$config" $(overrides_for "$name") --train.run_dir "$run"
@@ -71,6 +72,9 @@ run_one() {  # train one model to early stopping, then evaluate its best checkpo
   echo "$(( $(date +%s) - t0 ))" > "$run/wall_seconds.txt"
   python -m genci_dist.evaluate --checkpoint "$run/checkpoints/best" --split test \
     --out "$run/eval_test.json" --predictions "$run/predictions_test.parquet"
+  # valid predictions too, for the calibration report (maps are fitted on valid, never test)
+  python -m genci_dist.evaluate --checkpoint "$run/checkpoints/best" --split valid \
+    --out "$run/eval_valid.json" --predictions "$run/predictions_valid.parquet"
 }
 
 if [ "${REPORT_ONLY:-0}" = 1 ]; then
@@ -113,6 +117,21 @@ fi
 [ -f "$out/deepfm/metrics.json" ] && base="--base deepfm"
 # shellcheck disable=SC2086
 python -m genci_dist.report compare "${metrics[@]}" $base | tee "$out/results.md"
+
+# Calibration of every run with valid and test predictions: how much of its test LogLoss a
+# prior shift or Platt's map fitted on its valid predictions removes (a diagnostic).
+cvalid=() ctest=()
+for d in "$out"/*/; do
+  name="$(basename "$d")"
+  if [ -f "$d/predictions_valid.parquet" ] && [ -f "$d/predictions_test.parquet" ]; then
+    cvalid+=("$name=$d/predictions_valid.parquet")
+    ctest+=("$name=$d/predictions_test.parquet")
+  fi
+done
+if [ "${#ctest[@]}" -gt 0 ]; then
+  python -m genci_dist.report calibration --valid "${cvalid[@]}" --test "${ctest[@]}" \
+    --out "$out/calibration"
+fi
 
 # Table 5 and the figures, from what has finished: interest volatility over every model with
 # test predictions (DeepFM the base), and for a finished GenCI run its training curves and
