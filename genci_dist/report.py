@@ -213,19 +213,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         if args.command == "calibration":
-            result = calibration_comparison(_named_files(args.valid, "--valid"),
-                                            _named_files(args.test, "--test"))
-            written = write_calibration(result, args.out)
+            written = write_calibration(calibration_comparison(
+                _named_files(args.valid, "--valid"), _named_files(args.test, "--test")),
+                args.out)
             print(Path(written[1]).read_text(), end="")
-            for path in written:
-                print(f"wrote {path}")
-            return 0
-        preds = _named_files(args.predictions)
-        if args.command == "figures":
-            written = figures(args.run, args.checkpoint, args.data, preds, args.tsne_samples,
+        elif args.command == "figures":
+            written = figures(args.run, args.checkpoint, args.data,
+                              _named_files(args.predictions), args.tsne_samples,
                               args.tsne_labels, args.seed)
         else:
-            result = volatility_comparison(args.data, preds, args.feature, args.base)
+            result = volatility_comparison(args.data, _named_files(args.predictions),
+                                           args.feature, args.base)
             written = write_volatility(result, args.out)
             print(Path(written[1]).read_text(), end="")
     except (AnalysisError, DatasetError, ConfigError) as e:  # messages name the file
