@@ -198,13 +198,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from data_pipes.schema import DatasetError
-    from genci_dist.analysis import (
-        AnalysisError,
-        calibration_comparison,
-        volatility_comparison,
-        write_calibration,
-        write_volatility,
-    )
+    from genci_dist.analysis import AnalysisError, volatility_comparison, write_volatility
+    from genci_dist.calibration import calibration_comparison, write_calibration
     from genci_dist.config import ConfigError
 
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)

@@ -18,8 +18,6 @@ from sklearn.metrics import log_loss, roc_auc_score
 
 from genci_dist.analysis import (
     AnalysisError,
-    calibration_comparison,
-    fit_calibration,
     group_metrics,
     interest_volatility,
     item_genre_sets,
@@ -27,6 +25,7 @@ from genci_dist.analysis import (
     median_split,
     read_predictions,
 )
+from genci_dist.calibration import calibration_comparison, fit_calibration
 
 ROOT = Path(__file__).resolve().parents[1]
 
