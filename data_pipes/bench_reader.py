@@ -13,6 +13,10 @@ padding, semantic-ID tokens) at several worker counts, for each batch layout a m
     din     item ids only (DIN)
     fields  neither (DeepFM, DCNv2)
 
+with and without read-ahead (the reader's next row group read and decoded on a second thread
+while batches are built; --read-ahead). The raw scan decodes columns on Arrow's thread pool,
+so with read-ahead both sides may use two cores; the CPU seconds count both threads.
+
 Layouts with tokens are left out when the dataset has no semantic IDs yet.
 """
 
@@ -52,12 +56,13 @@ LAYOUTS = {"full": (True, True), "genci": (True, False), "din": (False, True),
 
 def reader_scan(dataset_dir: Path, split: str, batch_size: int, workers: int,
                 layout: str, bucket_window: int = 0,
-                keep_freed: bool = False) -> tuple[int, float, float]:
+                keep_freed: bool = False, read_ahead: bool = True) -> tuple[int, float, float]:
     """(rows, wall seconds, main-process CPU seconds: the whole cost only with 0 workers)."""
     tokens, ids = LAYOUTS[layout]
     loader = build_loader(dataset_dir, split, batch_size=batch_size, num_workers=workers,
                           seed=0, shuffle=True, with_tokens=tokens, with_history_ids=ids,
-                          bucket_window=bucket_window, keep_freed_memory=keep_freed)
+                          bucket_window=bucket_window, keep_freed_memory=keep_freed,
+                          read_ahead=read_ahead)
     t0, c0 = time.perf_counter(), time.process_time()
     rows = sum(b.size for b in loader)
     return rows, time.perf_counter() - t0, time.process_time() - c0
@@ -81,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="length bucketing window of the reader (0 = off)")
     p.add_argument("--layouts", default=",".join(LAYOUTS),
                    help=f"batch layouts to measure, comma-separated, of {list(LAYOUTS)}")
+    p.add_argument("--read-ahead", default="false,true",
+                   help="reader read-ahead settings to measure, comma-separated true/false")
     p.add_argument("--keep-freed-memory", choices=("true", "false"), default="true",
                    help="glibc keeps freed memory for reuse in this process and the workers, "
                         "as the trainer runs the reader (train.keep_freed_memory)")
@@ -101,17 +108,20 @@ def main(argv: list[str] | None = None) -> int:
     # each reader run has raw scans from its own round to be compared with (the paired
     # ratios; their median is the steadier figure). Per configuration also the best-of-N
     # wall time and CPU time (for workers=0 the reader's whole cost).
-    configs = [(int(x), y) for x in args.workers.split(",") for y in layouts]
+    aheads = [x == "true" for x in args.read_ahead.split(",")]
+    if bad := [x for x in args.read_ahead.split(",") if x not in ("true", "false")]:
+        p.error(f"--read-ahead takes true/false, got {bad}")
+    configs = [(int(x), y, a) for x in args.workers.split(",") for y in layouts for a in aheads]
     raws: list[tuple[int, float, float]] = []
     once: list[tuple[int, float, float]] = []
-    runs: dict[tuple[int, str], list[tuple[int, float, float]]] = {c: [] for c in configs}
+    runs: dict[tuple[int, str, bool], list[tuple[int, float, float]]] = {c: [] for c in configs}
     for _ in range(args.repeats):
         raws.append(raw_scan(ds, args.split))
         # each file opened once: the stricter baseline, as the reader keeps its files open
         once.append(raw_scan(ds, args.split, open_once=True))
-        for w, layout in configs:
-            runs[w, layout].append(reader_scan(ds, args.split, args.batch_size, w, layout,
-                                               args.bucket_window, keep_freed))
+        for w, layout, ahead in configs:
+            runs[w, layout, ahead].append(reader_scan(ds, args.split, args.batch_size, w, layout,
+                                                      args.bucket_window, keep_freed, ahead))
     rows = raws[0][0]
     for name, scans in (("raw_pyarrow_scan", raws), ("raw_pyarrow_scan_open_once", once)):
         wall, cpu = min(r[1] for r in scans), min(r[2] for r in scans)
@@ -120,11 +130,12 @@ def main(argv: list[str] | None = None) -> int:
                           "rows_per_cpu_s": round(rows / cpu)}), flush=True)
     raw_wall, raw_cpu = min(r[1] for r in raws), min(r[2] for r in raws)
     once_wall, once_cpu = min(r[1] for r in once), min(r[2] for r in once)
-    for (w, layout), rs in runs.items():
+    for (w, layout, ahead), rs in runs.items():
         if any(r[0] != rows for r in rs):  # a throughput over lost rows means nothing
             raise SystemExit(f"reader yielded {[r[0] for r in rs]} rows, the split has {rows}")
         wall, cpu = min(r[1] for r in rs), min(r[2] for r in rs)
         line = {"bench": "reader_with_batches", "workers": w, "layout": layout,
+                "read_ahead": ahead,
                 "batch_size": args.batch_size, "bucket_window": args.bucket_window,
                 "keep_freed_memory": keep_freed,
                 "rows": rows, "seconds": round(wall, 3), "rows_per_s": round(rows / wall),

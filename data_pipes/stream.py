@@ -25,6 +25,8 @@ or with bucketing one window of W batches (W·batch rows plus a group at each en
 from __future__ import annotations
 
 import multiprocessing as mp
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,6 +175,17 @@ class EpochPlan:
             return np.arange(self.groups[g].rows)
         return np.random.default_rng((self.seed, self.epoch, g)).permutation(self.groups[g].rows)
 
+    def groups_in_use_order(self, batches: range) -> list[int]:
+        """The ordered groups (k) the given batches read, each once, in the order of first use."""
+        if self.positions is None and len(batches):   # contiguous batches: group ranges
+            js = np.arange(batches.start, batches.stop, batches.step)
+            k0 = np.searchsorted(self.starts, self.bounds[js], side="right") - 1
+            k1 = np.searchsorted(self.starts, self.bounds[js + 1] - 1, side="right") - 1
+            ks = (range(a, b + 1) for a, b in zip(k0.tolist(), k1.tolist(), strict=True))
+        else:
+            ks = ([k for k, _ in self.segments(j)] for j in batches)
+        return list(dict.fromkeys(k for group in ks for k in group))
+
     def first_group(self, j: int) -> int:
         """The first ordered group any batch ≥ j can still need: that of j's bucketing
         window (its batches come in random order), and group ranges only grow later."""
@@ -200,6 +213,12 @@ class _WorkerCache:
     groups: dict[int, tuple[Rows, np.ndarray]] = field(default_factory=dict)  # by order k
     # open files and the columns read from each
     files: dict[Path, tuple[pq.ParquetFile, list[str]]] = field(default_factory=dict)
+    # Read-ahead: one thread reads and decodes the groups this iterator needs next, in order
+    # of first use (`upcoming`), while this thread gathers batches; `pending` holds at most
+    # one group in flight. Only that thread opens files, so `files` needs no lock.
+    pool: ThreadPoolExecutor | None = None
+    upcoming: deque[int] = field(default_factory=deque)
+    pending: dict[int, Future] = field(default_factory=dict)
 
 
 class StreamingSplit(IterableDataset):
@@ -209,8 +228,9 @@ class StreamingSplit(IterableDataset):
                  world_size: int, seed: int, shuffle: bool, with_tokens: bool = True,
                  pad_history_to: int | None = None, max_history: int | None = None,
                  drop_last: bool = False, bucket_window: int = 0,
-                 with_history_ids: bool = True) -> None:
+                 with_history_ids: bool = True, read_ahead: bool = True) -> None:
         super().__init__()
+        self.read_ahead = read_ahead
         self.bucket_window = bucket_window if shuffle else 0
         self.drop_last = drop_last
         self.max_history = max_history
@@ -247,38 +267,54 @@ class StreamingSplit(IterableDataset):
         """(the k-th group of the epoch order, decoded and validated once; its row order this
         epoch), cached per worker while batches still need it."""
         if k not in cache.groups:
-            g = plan.groups[int(plan.order[k])]
-            try:
-                # The file stays open (re-opening re-parses its footer for every row group);
-                # only a few are kept open. Only the columns a Batch uses are decoded (a
-                # missing one is left out here and named by decode_rows), and on this thread:
-                # Arrow's pool costs ~25% more CPU for these small row groups and competes
-                # with the trainer's threads (measured, README "Data").
-                if g.path not in cache.files:
-                    if len(cache.files) >= 4:
-                        del cache.files[next(iter(cache.files))]
-                    pf = pq.ParquetFile(g.path)
-                    present = set(pf.schema_arrow.names)
-                    cache.files[g.path] = (pf, [c for c in self.columns if c in present])
-                pf, columns = cache.files[g.path]
-                table = pf.read_row_group(g.index, use_threads=False, columns=columns)
-            except (pa.ArrowInvalid, OSError) as e:
-                raise DatasetError(f"{g.path}: row group {g.index} unreadable ({e})") from None
-
-            def where(row: int, g: RowGroup = g) -> str:  # only called to word an error
-                return f"{g.path} (row group {g.index}, row {row})"
-
-            rows = decode_rows(table, self.features, where, self.max_history,
-                               None if self.item_tokens is None else self.item_tokens.shape[0],
-                               dense_history=self.with_history_ids
-                               or self.item_tokens is not None)
-            cache.groups[k] = (rows, plan.row_perm(k))
+            if cache.pool is None:
+                cache.groups[k] = self._load(plan, k, cache)
+            else:   # read ahead or, out of sequence, now; the thread's errors re-raise here
+                fut = cache.pending.pop(k, None) or cache.pool.submit(self._load, plan, k, cache)
+                cache.groups[k] = fut.result()
         return cache.groups[k]
+
+    def _top_up(self, plan: EpochPlan, cache: _WorkerCache) -> None:
+        """Keeps one group in flight on the read-ahead thread: the next one first used."""
+        while cache.pool is not None and not cache.pending and cache.upcoming:
+            k = cache.upcoming.popleft()
+            if k not in cache.groups:
+                cache.pending[k] = cache.pool.submit(self._load, plan, k, cache)
+
+    def _load(self, plan: EpochPlan, k: int, cache: _WorkerCache) -> tuple[Rows, np.ndarray]:
+        """Reads and decodes the k-th group of the epoch order (see `_read`)."""
+        g = plan.groups[int(plan.order[k])]
+        try:
+            # The file stays open (re-opening re-parses its footer for every row group);
+            # only a few are kept open. Only the columns a Batch uses are decoded (a
+            # missing one is left out here and named by decode_rows), and on this thread:
+            # Arrow's pool costs ~25% more CPU for these small row groups and competes
+            # with the trainer's threads (measured, README "Data").
+            if g.path not in cache.files:
+                if len(cache.files) >= 4:
+                    del cache.files[next(iter(cache.files))]
+                pf = pq.ParquetFile(g.path)
+                present = set(pf.schema_arrow.names)
+                cache.files[g.path] = (pf, [c for c in self.columns if c in present])
+            pf, columns = cache.files[g.path]
+            table = pf.read_row_group(g.index, use_threads=False, columns=columns)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DatasetError(f"{g.path}: row group {g.index} unreadable ({e})") from None
+
+        def where(row: int, g: RowGroup = g) -> str:  # only called to word an error
+            return f"{g.path} (row group {g.index}, row {row})"
+
+        rows = decode_rows(table, self.features, where, self.max_history,
+                           None if self.item_tokens is None else self.item_tokens.shape[0],
+                           dense_history=self.with_history_ids
+                           or self.item_tokens is not None)
+        return rows, plan.row_perm(k)
 
     def build(self, plan: EpochPlan, j: int, cache: _WorkerCache) -> Batch:
         first = plan.first_group(j)
         for old in [k for k in cache.groups if k < first]:
             del cache.groups[old]  # no later batch of this epoch reads it again
+        self._top_up(plan, cache)
         parts, row_ids = [], []
         for k, pos in plan.segments(j):
             rows, perm = self._read(plan, k, cache)
@@ -302,12 +338,19 @@ class StreamingSplit(IterableDataset):
             start = 0
         cache = _WorkerCache()
         j = start if start % nw == wid else start + (wid - start % nw) % nw
-        while j < plan.steps:
-            batch = self.build(plan, j, cache)
-            self._next = j + nw
-            yield batch
-            j += nw
-        self._next = plan.steps
+        if self.read_ahead and j < plan.steps:
+            cache.upcoming.extend(plan.groups_in_use_order(range(j, plan.steps, nw)))
+            cache.pool = ThreadPoolExecutor(1, thread_name_prefix="reader-read-ahead")
+        try:
+            while j < plan.steps:
+                batch = self.build(plan, j, cache)
+                self._next = j + nw
+                yield batch
+                j += nw
+            self._next = plan.steps
+        finally:    # also when the consumer drops the iterator mid-epoch
+            if cache.pool is not None:
+                cache.pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- torchdata Stateful protocol (called in the worker that owns this copy) ---------
     def state_dict(self) -> dict[str, Any]:
@@ -340,19 +383,22 @@ def build_loader(dataset_dir: str | Path, split: str, *, batch_size: int, rank: 
                  drop_last: bool = False, pad_history_to: int | None = None,
                  with_tokens: bool = True, max_history: int | None = None,
                  bucket_window: int = 0, with_history_ids: bool = True,
-                 keep_freed_memory: bool = False) -> StatefulDataLoader:
+                 keep_freed_memory: bool = False, read_ahead: bool = True) -> StatefulDataLoader:
     """A StatefulDataLoader over this rank's batches (batches are built in the dataset).
     drop_last=False: every sample exactly once, ⌈⌈N/W⌉/batch⌉ steps per rank, the last batches
     may be short. drop_last=True: ⌊⌊N/W⌋/batch⌋ full batches per rank, the rest is skipped.
     with_tokens / with_history_ids: the history as semantic-ID tokens / as item ids (the
     sequence KJT and the dense `history`); a model asks only for what it reads
     (genci_dist.model.build.batch_fields). keep_freed_memory: each worker process applies
-    data_pipes.memory.keep_freed_memory (the trainer's own process applies it itself)."""
+    data_pipes.memory.keep_freed_memory (the trainer's own process applies it itself).
+    read_ahead: each iterator (the main process's, or each worker's) reads and decodes its next
+    row group on a second thread while it gathers batches from the current ones."""
     ds = StreamingSplit(dataset_dir, split, batch_size=batch_size, rank=rank,
                         world_size=world_size, seed=seed, shuffle=shuffle,
                         with_tokens=with_tokens, pad_history_to=pad_history_to,
                         max_history=max_history, drop_last=drop_last,
-                        bucket_window=bucket_window, with_history_ids=with_history_ids)
+                        bucket_window=bucket_window, with_history_ids=with_history_ids,
+                        read_ahead=read_ahead)
     # Its own generator: creating an iterator draws a base seed, which must not consume the
     # global torch RNG (dropout masks) or a resumed run would diverge from an uninterrupted one.
     return StatefulDataLoader(ds, batch_size=None, num_workers=num_workers,

@@ -49,6 +49,10 @@ class DataConfig:
     """Global batch size: each of W ranks reads batch_size // W samples a step."""
     eval_batch_size: int = 4096
     num_workers: int = 1
+    read_ahead: bool = True
+    """The reader (each worker, or the main process with num_workers = 0) reads and decodes
+    its next row group on a second thread while it builds batches from the current ones:
+    same batches, ~25 % less wall time per epoch for ~5 % more CPU (README "Data")."""
     pad_history_to: int = 0
     """0 = pad each batch to its longest history (dynamic); L > 0 = always pad to L."""
     bucket_window: int = 0

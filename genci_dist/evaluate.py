@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch = (args.batch_size or cfg.data.eval_batch_size) // env.world_size
         loader = build_loader(dataset_dir, args.split, batch_size=batch, rank=env.rank,
                               world_size=env.world_size, num_workers=cfg.data.num_workers,
-                              seed=cfg.data.seed, shuffle=False,
+                              read_ahead=cfg.data.read_ahead, seed=cfg.data.seed, shuffle=False,
                               max_history=cfg.data.max_history,
                               keep_freed_memory=cfg.train.keep_freed_memory,
                               **batch_fields(cfg.model))

@@ -64,7 +64,8 @@ def collect_intents(checkpoint: str | Path, n_samples: int = 2000, split: str = 
     load_model_only(model, ckpt)
     model.eval()
     loader = build_loader(dataset_dir, split, batch_size=batch_size or cfg.data.eval_batch_size,
-                          rank=0, world_size=1, num_workers=0, seed=cfg.data.seed,
+                          rank=0, world_size=1, num_workers=0, read_ahead=cfg.data.read_ahead,
+                          seed=cfg.data.seed,
                           shuffle=False, max_history=cfg.data.max_history,
                           **batch_fields(cfg.model))
     parts: dict[str, list[np.ndarray]] = {}

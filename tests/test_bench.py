@@ -118,10 +118,12 @@ def test_reader_bench_counts_every_row_in_every_batch_layout(
                               "--batch-size", "16", "--repeats", "1",
                               "--keep-freed-memory", "false"]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
-    assert [(x["bench"], x.get("layout")) for x in lines] == [
-        ("raw_pyarrow_scan", None), ("raw_pyarrow_scan_open_once", None),
-        ("reader_with_batches", "full"), ("reader_with_batches", "genci"),
-        ("reader_with_batches", "din"), ("reader_with_batches", "fields")]
+    assert [(x["bench"], x.get("layout"), x.get("read_ahead")) for x in lines] == [
+        ("raw_pyarrow_scan", None, None), ("raw_pyarrow_scan_open_once", None, None),
+        *(("reader_with_batches", layout, ahead) for layout in ("full", "genci", "din", "fields")
+          for ahead in (False, True))]
     assert all(x["rows"] == rows for x in lines) and rows > 0
     with pytest.raises(SystemExit):
         bench_reader.main(["--data", str(tiny_dataset), "--layouts", "genci,bogus"])
+    with pytest.raises(SystemExit):
+        bench_reader.main(["--data", str(tiny_dataset), "--read-ahead", "yes"])

@@ -85,6 +85,65 @@ def test_resume_mid_epoch_yields_exactly_the_rest(tiny_dataset: Path, nw: int,
     assert all(torch.equal(x, y) for x, y in zip(got, expected, strict=True))
 
 
+def _batch_tensors(b) -> list[torch.Tensor]:  # noqa: ANN001
+    return [b.row_ids, b.labels, b.user_ids, b.item_ids, b.history, b.history_lengths,
+            b.history_tokens, b.target_tokens, b.sparse_features.values(),
+            b.sparse_features.lengths(), b.sequence_features.values(),
+            b.sequence_features.lengths()]
+
+
+@pytest.mark.parametrize(("ws", "nw", "bucket"), [(1, 0, 0), (2, 0, 3), (3, 2, 0), (2, 2, 4)])
+def test_read_ahead_gives_the_same_batches(tiny_dataset: Path, ws: int, nw: int,
+                                           bucket: int) -> None:
+    """Reading the next row group on a second thread changes when a group is decoded, never
+    what a batch holds: every tensor of every batch of every rank is equal with and without
+    it, also after a mid-epoch resume."""
+    kw = dict(batch_size=7, world_size=ws, num_workers=nw, seed=5, shuffle=True,
+              bucket_window=bucket)
+    for r in range(ws):
+        plain = build_loader(tiny_dataset, "train", rank=r, read_ahead=False, **kw)
+        ahead = build_loader(tiny_dataset, "train", rank=r, read_ahead=True, **kw)
+        for loader in (plain, ahead):
+            loader.dataset.set_epoch(1)
+        want = [_batch_tensors(b) for b in plain]
+        it = iter(ahead)
+        head = [_batch_tensors(next(it)) for _ in range(2)]
+        resumed = build_loader(tiny_dataset, "train", rank=r, read_ahead=True, **kw)
+        resumed.dataset.set_epoch(1)
+        resumed.load_state_dict(ahead.state_dict())
+        got = head + [_batch_tensors(b) for b in resumed]
+        assert len(got) == len(want) > 2
+        for g, w in zip(got, want, strict=True):
+            assert all(x.dtype == y.dtype and torch.equal(x, y)
+                       for x, y in zip(g, w, strict=True))
+
+
+def test_read_ahead_thread_ends_with_its_iterator(tiny_dataset: Path) -> None:
+    """An iterator dropped mid-epoch (a run stopping early) shuts its thread down."""
+    import gc
+    import threading
+    import time
+
+    def alive() -> int:
+        return sum(t.name.startswith("reader-read-ahead") for t in threading.enumerate())
+
+    before = alive()
+    it = iter(build_loader(tiny_dataset, "train", batch_size=5, seed=1, read_ahead=True))
+    next(it)
+    assert alive() == before + 1
+    del it
+    gc.collect()
+    deadline = time.monotonic() + 5
+    while alive() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert alive() == before
+    list(build_loader(tiny_dataset, "train", batch_size=5, seed=1, read_ahead=True))
+    deadline = time.monotonic() + 5
+    while alive() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert alive() == before
+
+
 def test_length_bucketing_pads_less_and_keeps_the_epoch(tiny_dataset: Path) -> None:
     """Within each window of W batches the samples are sorted by history length: the summed
     padded width (what the encoder pays for) drops, the epoch's sample set and the batch
@@ -119,8 +178,10 @@ def test_length_bucketing_pads_less_and_keeps_the_epoch(tiny_dataset: Path) -> N
         assert a.history.shape[1] > 0 and b.history.shape == (b.size, 0)
 
 
+@pytest.mark.parametrize("read_ahead", [False, True])
 @pytest.mark.parametrize("bucket", [0, 4, 50])
 def test_each_row_group_is_read_and_decoded_once_per_epoch(tiny_dataset: Path, bucket: int,
+                                                           read_ahead: bool,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Batches of a bucketing window come in random order and span several row groups: a
     group may only be dropped from the worker's cache once no later batch needs it."""
@@ -135,7 +196,7 @@ def test_each_row_group_is_read_and_decoded_once_per_epoch(tiny_dataset: Path, b
 
     monkeypatch.setattr(stream, "decode_rows", counting)
     loader = build_loader(tiny_dataset, "train", batch_size=5, seed=2, shuffle=True,
-                          bucket_window=bucket)
+                          bucket_window=bucket, read_ahead=read_ahead)
     rows = np.concatenate([b.row_ids.numpy() for b in loader])
     assert sorted(rows.tolist()) == list(range(_split_rows(tiny_dataset, "train")))
     assert len(decoded) == len(set(decoded)) == len(loader.dataset.groups)
@@ -219,7 +280,10 @@ def test_batch_layout_on_a_hand_built_case() -> None:
     assert short.history_tokens[0, :3].tolist() == tokens[2].tolist()
 
 
-def test_bad_rows_name_file_and_field(tmp_path: Path) -> None:
+@pytest.mark.parametrize("read_ahead", [False, True])
+def test_bad_rows_name_file_and_field(tmp_path: Path, read_ahead: bool) -> None:
+    """With read-ahead the bad group is decoded on the reader's thread: the same error, raised
+    where the batch needs that group."""
     ds = write_tiny_dataset(tmp_path / "bad", semantic_ids=False)
     shard = sorted((ds / "train").glob("*.parquet"))[0]
     t = pq.read_table(shard)
@@ -227,15 +291,28 @@ def test_bad_rows_name_file_and_field(tmp_path: Path) -> None:
     items[3] = 999
     pq.write_table(t.set_column(t.column_names.index("item_id"), "item_id",
                                 pa.array(items, pa.int32())), shard, row_group_size=16)
-    loader = build_loader(ds, "train", batch_size=1000, shuffle=False, with_tokens=False)
+    loader = build_loader(ds, "train", batch_size=1000, shuffle=False, with_tokens=False,
+                          read_ahead=read_ahead)
     with pytest.raises(DatasetError, match=r"part-00000.*'item_id' has id 999"):
         list(loader)
+    # batches of 5 rows, a bad id in row 40 (group 2 = rows 32-47): the six batches before
+    # the first one that needs group 2 (rows 30-34) still come out, although with
+    # read-ahead that group was read (and failed) earlier, on the other thread
+    items[3], items[40] = 5, 999
+    pq.write_table(t.set_column(t.column_names.index("item_id"), "item_id",
+                                pa.array(items, pa.int32())), shard, row_group_size=16)
+    it = iter(build_loader(ds, "train", batch_size=5, shuffle=False, with_tokens=False,
+                           read_ahead=read_ahead))
+    assert [next(it).row_ids.tolist() for _ in range(6)][-1] == [25, 26, 27, 28, 29]
+    with pytest.raises(DatasetError, match=r"part-00000.*row group 2, row 8\).*'item_id' has id 999"):
+        next(it)
     labels = t.column("label").to_numpy().copy()
     labels[0] = 2
     pq.write_table(t.set_column(t.column_names.index("label"), "label",
                                 pa.array(labels, pa.int8())), shard, row_group_size=16)
     with pytest.raises(DatasetError, match="label 2.0 is not 0 or 1"):
-        list(build_loader(ds, "train", batch_size=1000, shuffle=False, with_tokens=False))
+        list(build_loader(ds, "train", batch_size=1000, shuffle=False, with_tokens=False,
+                          read_ahead=read_ahead))
     shard.write_bytes(b"not parquet")
     with pytest.raises(DatasetError, match="not a readable Parquet"):
         build_loader(ds, "train", batch_size=10, with_tokens=False)
