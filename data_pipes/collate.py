@@ -308,7 +308,7 @@ def gather_batch(parts: list[tuple[Rows, np.ndarray]], row_ids: np.ndarray,
         # One fixed-size record per item (its T tokens), so the lookup is a 1-D gather of
         # records (several times faster than gathering rows of a 2-D table); item 0 → zeros.
         table = np.ascontiguousarray(item_tokens, dtype=TOKEN_DTYPE)
-        rec = np.dtype((np.void, table.itemsize * n_tok))
+        rec = _record_dtype(table.itemsize * n_tok)
         records = table.view(rec).reshape(-1)
         np.take(records, ids, out=hist_tok.view(rec), mode="clip")
         np.take(records, item_v, out=tgt_tok.view(rec)[:, 0], mode="clip")
@@ -360,6 +360,12 @@ def _history_ids(parts: list[tuple[Rows, np.ndarray]], b: int, width: int) -> np
             out[r0:r1, w:] = 0
         r0 = r1
     return out
+
+
+@functools.lru_cache(maxsize=8)
+def _record_dtype(nbytes: int) -> np.dtype:
+    """An opaque record of `nbytes` bytes (building a dtype costs more than a small gather)."""
+    return np.dtype((np.void, nbytes))
 
 
 @functools.lru_cache(maxsize=64)

@@ -24,6 +24,7 @@ or with bucketing one window of W batches (W·batch rows plus a group at each en
 
 from __future__ import annotations
 
+import functools
 import multiprocessing as mp
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -175,13 +176,22 @@ class EpochPlan:
             return np.arange(self.groups[g].rows)
         return np.random.default_rng((self.seed, self.epoch, g)).permutation(self.groups[g].rows)
 
+    @functools.cached_property
+    def _index(self) -> np.ndarray:
+        """[3, steps] int64, computed once for the epoch so a batch costs no binary searches:
+        each batch's first and last group (contiguous batches) and the first group any batch
+        ≥ j can still need. (numpy, not lists: 24 bytes per batch at any epoch size.)"""
+        js = np.arange(self.steps)
+        return np.stack([
+            np.searchsorted(self.starts, self.bounds[js], side="right") - 1,
+            np.searchsorted(self.starts, self.bounds[js + 1] - 1, side="right") - 1,
+            np.searchsorted(self.starts, self.bounds[js - js % self.window], side="right") - 1])
+
     def groups_in_use_order(self, batches: range) -> list[int]:
         """The ordered groups (k) the given batches read, each once, in the order of first use."""
-        if self.positions is None and len(batches):   # contiguous batches: group ranges
-            js = np.arange(batches.start, batches.stop, batches.step)
-            k0 = np.searchsorted(self.starts, self.bounds[js], side="right") - 1
-            k1 = np.searchsorted(self.starts, self.bounds[js + 1] - 1, side="right") - 1
-            ks = (range(a, b + 1) for a, b in zip(k0.tolist(), k1.tolist(), strict=True))
+        if self.positions is None:   # contiguous batches: group ranges
+            k0, k1 = self._index[:2, batches.start:batches.stop:batches.step].tolist()
+            ks = (range(a, b + 1) for a, b in zip(k0, k1, strict=True))
         else:
             ks = ([k for k, _ in self.segments(j)] for j in batches)
         return list(dict.fromkeys(k for group in ks for k in group))
@@ -189,16 +199,18 @@ class EpochPlan:
     def first_group(self, j: int) -> int:
         """The first ordered group any batch ≥ j can still need: that of j's bucketing
         window (its batches come in random order), and group ranges only grow later."""
-        start = self.bounds[j - j % self.window]
-        return int(np.searchsorted(self.starts, start, side="right")) - 1
+        return int(self._index[2, j])
 
     def segments(self, j: int) -> list[tuple[int, np.ndarray]]:
         """Batch j as [(ordered group k, positions inside that group's row order)]."""
         if self.positions is None:  # a contiguous run of the sequence: cut at group starts
+            k0, k1, _ = self._index[:, j].tolist()
             lo, hi = int(self.bounds[j]), int(self.bounds[j + 1])
-            k0, k1 = np.searchsorted(self.starts, [lo, hi - 1], side="right") - 1
-            return [(k, np.arange(max(lo, self.starts[k]), min(hi, self.starts[k + 1]))
-                     - self.starts[k]) for k in range(int(k0), int(k1) + 1)]
+            out = []
+            for k in range(k0, k1 + 1):
+                s0, s1 = int(self.starts[k]), int(self.starts[k + 1])
+                out.append((k, np.arange(max(lo, s0) - s0, min(hi, s1) - s0)))
+            return out
         pos = self.positions[j]
         k = np.searchsorted(self.starts, pos, side="right") - 1
         cut = np.flatnonzero(np.diff(k)) + 1
