@@ -141,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
                 "rows": rows, "seconds": round(wall, 3), "rows_per_s": round(rows / wall),
                 "ratio_to_raw": round(raw_wall / wall, 3),
                 "ratio_to_raw_open_once": round(once_wall / wall, 3),
-                "ratio_to_raw_paired_median": _median_ratio(raws, rs, 1)}
+                "ratio_to_raw_paired_median": _median_ratio(raws, rs, 1),
+                "ratio_to_raw_paired": [round(a[1] / b[1], 3)
+                                        for a, b in zip(raws, rs, strict=True)]}
         if w == 0:
             line.update(cpu_seconds=round(cpu, 3), rows_per_cpu_s=round(rows / cpu),
                         cpu_ratio_to_raw=round(raw_cpu / cpu, 3),
