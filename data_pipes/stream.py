@@ -19,7 +19,10 @@ same steps, and the order stays a pure function of (seed, epoch, rank), so resum
 
 Each worker reads and decodes a row group once per epoch (data_pipes.collate.decode_rows) and
 keeps it until no later batch needs it, so it holds the decoded groups that one batch spans,
-or with bucketing one window of W batches (W·batch rows plus a group at each end).
+or with bucketing one window of W batches (W·batch rows plus a group at each end). With
+read-ahead (the default) one more thread per iterator reads and decodes the next group its
+batches will first use while the iterator gathers batches from the groups it holds, so one
+more decoded group is in memory; what a batch holds does not change.
 """
 
 from __future__ import annotations
