@@ -120,9 +120,15 @@ def test_reader_bench_counts_every_row_in_every_batch_layout(
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     assert [(x["bench"], x.get("layout"), x.get("read_ahead")) for x in lines] == [
         ("raw_pyarrow_scan", None, None), ("raw_pyarrow_scan_open_once", None, None),
+        ("raw_pyarrow_read_table", None, None), ("raw_pyarrow_iter_batches", None, None),
         *(("reader_with_batches", layout, ahead) for layout in ("full", "genci", "din", "fields")
           for ahead in (False, True))]
     assert all(x["rows"] == rows for x in lines) and rows > 0
+    for x in lines[4:]:     # a ratio against each of the four scans; the strictest is their min
+        by_scan = x["ratio_paired_median_by_scan"]
+        assert list(by_scan) == [y["bench"] for y in lines[:4]]
+        assert x["ratio_paired_median_strictest"] == min(by_scan.values())
+        assert by_scan["raw_pyarrow_scan"] == x["ratio_to_raw_paired_median"]
     with pytest.raises(SystemExit):
         bench_reader.main(["--data", str(tiny_dataset), "--layouts", "genci,bogus"])
     with pytest.raises(SystemExit):
