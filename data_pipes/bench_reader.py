@@ -13,7 +13,7 @@ worker counts, for each batch layout a model reads (genci_dist.model.build.batch
     din     item ids only (DIN)
     fields  neither (DeepFM, DCNv2)
 
-with and without read-ahead (the reader's next row group read and decoded on a second thread
+with and without read-ahead (the reader's next row group read from Parquet on a second thread
 while batches are built; --read-ahead). The raw scan decodes columns on Arrow's thread pool,
 so with read-ahead both sides may use two cores; the CPU seconds count both threads.
 

@@ -50,8 +50,8 @@ class DataConfig:
     eval_batch_size: int = 4096
     num_workers: int = 1
     read_ahead: bool = True
-    """The reader (each worker, or the main process with num_workers = 0) reads and decodes
-    its next row group on a second thread while it builds batches from the current ones:
+    """The reader (each worker, or the main process with num_workers = 0) reads its next row
+    group from Parquet on a second thread while it decodes and builds batches:
     same batches; ML-1M GenCI batches: ~25 % less wall time, a few % more CPU (README "Data")."""
     pad_history_to: int = 0
     """0 = pad each batch to its longest history (dynamic); L > 0 = always pad to L."""
