@@ -23,6 +23,7 @@ Layouts with tokens are left out when the dataset has no semantic IDs yet.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -65,10 +66,10 @@ def whole_file_scan(dataset_dir: Path, split: str,
 
 # every plain scan of a round: JSON name → (rows, wall s, CPU s)
 SCANS = {
-    "raw_pyarrow_scan": lambda d, s: raw_scan(d, s),
-    "raw_pyarrow_scan_open_once": lambda d, s: raw_scan(d, s, open_once=True),
-    "raw_pyarrow_read_table": lambda d, s: whole_file_scan(d, s, "read_table"),
-    "raw_pyarrow_iter_batches": lambda d, s: whole_file_scan(d, s, "iter_batches"),
+    "raw_pyarrow_scan": raw_scan,
+    "raw_pyarrow_scan_open_once": functools.partial(raw_scan, open_once=True),
+    "raw_pyarrow_read_table": functools.partial(whole_file_scan, how="read_table"),
+    "raw_pyarrow_iter_batches": functools.partial(whole_file_scan, how="iter_batches"),
 }
 
 
@@ -131,9 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     # each reader run has raw scans from its own round to be compared with (the paired
     # ratios; their median is the steadier figure). Per configuration also the best-of-N
     # wall time and CPU time (for workers=0 the reader's whole cost).
-    aheads = [x == "true" for x in args.read_ahead.split(",")]
     if bad := [x for x in args.read_ahead.split(",") if x not in ("true", "false")]:
         p.error(f"--read-ahead takes true/false, got {bad}")
+    aheads = [x == "true" for x in args.read_ahead.split(",")]
     configs = [(int(x), y, a) for x in args.workers.split(",") for y in layouts for a in aheads]
     scans: dict[str, list[tuple[int, float, float]]] = {name: [] for name in SCANS}
     runs: dict[tuple[int, str, bool], list[tuple[int, float, float]]] = {c: [] for c in configs}

@@ -194,10 +194,12 @@ class EpochPlan:
         """The ordered groups (k) the given batches read, each once, in the order of first use."""
         if self.positions is None:   # contiguous batches: group ranges
             k0, k1 = self._index[:2, batches.start:batches.stop:batches.step].tolist()
-            ks = (range(a, b + 1) for a, b in zip(k0, k1, strict=True))
-        else:
-            ks = ([k for k, _ in self.segments(j)] for j in batches)
-        return list(dict.fromkeys(k for group in ks for k in group))
+            return list(dict.fromkeys(k for a, b in zip(k0, k1, strict=True)
+                                      for k in range(a, b + 1)))
+        if not len(batches):
+            return []
+        pos = np.concatenate([self.positions[j] for j in batches])  # bucketed: by position
+        return list(dict.fromkeys((np.searchsorted(self.starts, pos, side="right") - 1).tolist()))
 
     def first_group(self, j: int) -> int:
         """The first ordered group any batch ≥ j can still need: that of j's bucketing

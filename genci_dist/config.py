@@ -52,7 +52,8 @@ class DataConfig:
     read_ahead: bool = True
     """The reader (each worker, or the main process with num_workers = 0) reads its next row
     group from Parquet on a second thread while it decodes and builds batches:
-    same batches; ML-1M GenCI batches: ~25 % less wall time, a few % more CPU (README "Data")."""
+    same batches; ML-1M GenCI batches: ~30 % less wall time for about the same CPU (README
+    "Data")."""
     pad_history_to: int = 0
     """0 = pad each batch to its longest history (dynamic); L > 0 = always pad to L."""
     bucket_window: int = 0
