@@ -24,7 +24,7 @@ from typing import Any
 from tqdm import tqdm
 
 from data_pipes.protocol import apply_label_rule, build_samples
-from data_pipes.schema import DatasetError
+from data_pipes.schema import DatasetError, manifest_summary
 from data_pipes.writer import write_dataset
 
 DATASETS = ("ml-100k", "ml-1m", "ml-dat", "recbole", "amazon", "synthetic")
@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _movielens(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
-    from data_pipes import movielens as ml
+    from data_pipes.sources import movielens as ml
 
     if args.dataset in ("ml-100k", "ml-1m"):
         raw, source = ml.load_wheel(args.dataset, Path(args.data_root))
@@ -70,11 +70,11 @@ def _need_source(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     if args.dataset == "synthetic":
-        from data_pipes.synthetic import prepare_synthetic
+        from data_pipes.sources.synthetic import prepare_synthetic
 
         return prepare_synthetic(args)
     if args.dataset == "amazon":
-        from data_pipes.amazon import load_amazon
+        from data_pipes.sources.amazon import load_amazon
 
         (inter, user, item), source = load_amazon(Path(_need_source(args)))
         split, max_hist = args.split or "leave_one_out", args.max_history or 20
@@ -94,18 +94,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                  row_group_size=args.row_group_size, shard_rows=args.shard_rows,
                                  seed=args.seed, force=args.force, source=source,
                                  tick=bar.update)
-    return report(manifest, time.perf_counter() - t0, args.out)
-
-
-def report(manifest: dict[str, Any], seconds: float, out: str) -> dict[str, Any]:
-    c = manifest["counts"]
-    return {"dataset": manifest["dataset"], "out": str(out), "samples": c["samples"],
-            "users": c["users"], "items": c["items"],
-            "splits": {s: c[s] for s in ("train", "valid", "test")},
-            "positive_rate": round(c["positive_rate"], 4),
-            "avg_history": round(c["avg_history"], 3),
-            "features": {f["name"]: f["cardinality"] for f in manifest["features"]},
-            "seconds": round(seconds, 2)}
+    return manifest_summary(manifest, time.perf_counter() - t0, args.out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -80,6 +80,18 @@ def load_manifest(dataset_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def manifest_summary(manifest: dict[str, Any], seconds: float, out: str) -> dict[str, Any]:
+    """The JSON summary `genci-prepare` prints for a written dataset (any source)."""
+    c = manifest["counts"]
+    return {"dataset": manifest["dataset"], "out": str(out), "samples": c["samples"],
+            "users": c["users"], "items": c["items"],
+            "splits": {s: c[s] for s in ("train", "valid", "test")},
+            "positive_rate": round(c["positive_rate"], 4),
+            "avg_history": round(c["avg_history"], 3),
+            "features": {f["name"]: f["cardinality"] for f in manifest["features"]},
+            "seconds": round(seconds, 2)}
+
+
 def feature_specs(manifest: dict[str, Any]) -> list[FeatureSpec]:
     """The sparse features in manifest order (the KeyedJaggedTensor key order)."""
     return [FeatureSpec(f["name"], f["side"], bool(f["multi"]), int(f["cardinality"]))

@@ -19,45 +19,9 @@ from typing import Any
 
 import torch
 
-from genci_dist.distributed import DistEnv
-from genci_dist.metrics import MetricAccumulator, rela_impr
-
-
-def bf16_autocast(device: torch.device, enabled: bool) -> Any:
-    """train.autocast_bf16: forward passes under torch.autocast(bfloat16) (training,
-    validation and standalone evaluation alike)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
-
-
-@torch.no_grad()
-def evaluate_loader(model: torch.nn.Module, loader: Any, env: DistEnv,
-                    predictions: list[dict[str, Any]] | None = None) -> dict[str, float]:
-    """Runs `model` (a task module returning (loss, parts, logits, labels)) over every batch
-    of `loader` and returns metrics over all ranks' samples."""
-    was_training = model.training
-    model.eval()
-    acc = MetricAccumulator()
-    for batch in loader:
-        batch = batch.to(env.device)
-        _loss, _parts, logits, labels = model(batch)
-        acc.update(logits, labels, batch.user_ids)
-        if predictions is not None:
-            predictions.append({"row_id": batch.row_ids.cpu(), "user_id": batch.user_ids.cpu(),
-                                "item_id": batch.item_ids.cpu(), "label": labels.cpu(),
-                                "prob": torch.sigmoid(logits.float()).cpu()})
-    model.train(was_training)
-    return acc.compute(env)
-
-
-def _write_predictions(parts: list[dict[str, Any]], path: Path) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    cols = {k: torch.cat([p[k] for p in parts]).numpy() for k in parts[0]} if parts else {}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    pq.write_table(pa.table(cols), tmp)
-    tmp.replace(path)
+from genci_dist.runtime.distributed import DistEnv
+from genci_dist.runtime.evaluation import bf16_autocast, evaluate_loader, write_predictions
+from genci_dist.runtime.metrics import rela_impr
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -73,9 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from data_pipes.schema import feature_specs, load_manifest
     from data_pipes.stream import build_loader
-    from genci_dist.checkpoint import load_checkpoint_config, load_model_only
     from genci_dist.config import ConfigError
     from genci_dist.model.build import batch_fields, build_task, load_generation_assets
+    from genci_dist.runtime.checkpoint import load_checkpoint_config, load_model_only
 
     ckpt = Path(args.checkpoint)
     try:
@@ -92,8 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             model = build_task(cfg.model, feature_specs(manifest), assets, device=env.device)
             load_model_only(model, ckpt)
         else:
-            from genci_dist.checkpoint import load_model_sharded
-            from genci_dist.sharding import build_dmp
+            from genci_dist.runtime.checkpoint import load_model_sharded
+            from genci_dist.runtime.sharding import build_dmp
 
             task = build_task(cfg.model, feature_specs(manifest), assets,
                               device=torch.device("meta"))
@@ -120,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             metrics["rela_impr_pct"] = rela_impr(metrics["auc"], base_auc)
             metrics["base"] = args.base
         if preds is not None:
-            _write_predictions(preds, Path(f"{args.predictions}.rank{env.rank}")
+            write_predictions(preds, Path(f"{args.predictions}.rank{env.rank}")
                                if env.world_size > 1 else Path(args.predictions))
         if env.rank == 0:
             out = Path(args.out) if args.out else ckpt / f"eval_{args.split}.json"

@@ -52,8 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from genci_dist.config import ConfigError, load_config
-    from genci_dist.distributed import DistEnv
-    from genci_dist.trainer import Trainer
+    from genci_dist.runtime.distributed import DistEnv
+    from genci_dist.runtime.trainer import Trainer
 
     config_path, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:

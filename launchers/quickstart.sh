@@ -35,5 +35,5 @@ for model in genci deepfm; do
     --out "$run/eval_test.json"
 done
 
-python -m genci_dist.report compare "$RUNS/deepfm/eval_test.json" "$RUNS/genci/eval_test.json" --base deepfm
+python -m genci_dist.analysis.report compare "$RUNS/deepfm/eval_test.json" "$RUNS/genci/eval_test.json" --base deepfm
 echo "quickstart finished in $(( $(date +%s) - t0 )) s"

@@ -116,7 +116,7 @@ if [ "$what" = ml100k-ablations ]; then  # Table 4 sets the variants beside full
 fi
 [ -f "$out/deepfm/metrics.json" ] && base="--base deepfm"
 # shellcheck disable=SC2086
-python -m genci_dist.report compare "${metrics[@]}" $base | tee "$out/results.md"
+python -m genci_dist.analysis.report compare "${metrics[@]}" $base | tee "$out/results.md"
 
 # Calibration of every run with valid and test predictions: how much of its test LogLoss a
 # prior shift or Platt's map fitted on its valid predictions removes (a diagnostic).
@@ -129,7 +129,7 @@ for d in "$out"/*/; do
   fi
 done
 if [ "${#ctest[@]}" -gt 0 ]; then
-  python -m genci_dist.report calibration --valid "${cvalid[@]}" --test "${ctest[@]}" \
+  python -m genci_dist.analysis.report calibration --valid "${cvalid[@]}" --test "${ctest[@]}" \
     --out "$out/calibration"
 fi
 
@@ -146,11 +146,11 @@ if [ "$what" != ml100k-ablations ]; then
     vbase=""
     [ -f "$out/deepfm/predictions_test.parquet" ] && vbase="--base deepfm"
     # shellcheck disable=SC2086
-    python -m genci_dist.report volatility --data "$data" --predictions "${preds[@]}" \
+    python -m genci_dist.analysis.report volatility --data "$data" --predictions "${preds[@]}" \
       --out "$out/volatility" $vbase
   fi
   if [ -f "$out/genci/metrics.json" ] && [ -e "$out/genci/checkpoints/best" ]; then
-    python -m genci_dist.report figures --run "$out/genci" \
+    python -m genci_dist.analysis.report figures --run "$out/genci" \
       --checkpoint "$out/genci/checkpoints/best" --data "$data" --tsne-samples 1500
   fi
 fi

@@ -1,4 +1,4 @@
-"""genci_dist.analysis and `python -m genci_dist.report figures|volatility`: the Jaccard
+"""genci_dist.analysis.volatility and `python -m genci_dist.analysis.report figures|volatility`: the Jaccard
 volatility on a hand-computed table (tie order, repeated items, empty genre sets), the median
 split, per-group metrics equal to scikit-learn on the subsets, bad prediction files, and the
 Fig. 4 t-SNE plus the volatility report on a tiny trained GenCI run."""
@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import log_loss, roc_auc_score
 
-from genci_dist.analysis import (
+from genci_dist.analysis.calibration import calibration_comparison, fit_calibration
+from genci_dist.analysis.volatility import (
     AnalysisError,
     group_metrics,
     interest_volatility,
@@ -25,7 +26,6 @@ from genci_dist.analysis import (
     median_split,
     read_predictions,
 )
-from genci_dist.calibration import calibration_comparison, fit_calibration
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,7 +129,7 @@ def test_group_metrics_equal_sklearn_on_subsets(tmp_path: Path) -> None:
 
 def test_bad_prediction_files_name_the_file(tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
-    from genci_dist.report import main
+    from genci_dist.analysis.report import main
 
     missing = tmp_path / "nope.parquet"
     with pytest.raises(AnalysisError, match=f"{re.escape(str(missing))}: predictions file not found"):
@@ -172,7 +172,7 @@ def tiny_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory
 
 def test_report_figures_on_a_trained_run(tiny_run: tuple[Path, Path, dict],
                                          capsys: pytest.CaptureFixture[str]) -> None:
-    from genci_dist.report import main
+    from genci_dist.analysis.report import main
 
     run, preds, ev = tiny_run
     assert main(["figures", "--run", str(run), "--predictions", f"genci={preds}",
@@ -208,7 +208,7 @@ def test_report_figures_on_a_trained_run(tiny_run: tuple[Path, Path, dict],
 
 def test_intents_of_positive_targets_only(tiny_run: tuple[Path, Path, dict]) -> None:
     """labels="positive" embeds the first clicked targets only, every kind for each."""
-    from genci_dist.intent_map import collect_intents
+    from genci_dist.analysis.intent_map import collect_intents
 
     vec = collect_intents(tiny_run[0], n_samples=7, labels="positive")
     assert set(vec) == {"lt", "st", "item", "label"}
@@ -219,7 +219,7 @@ def test_intents_of_positive_targets_only(tiny_run: tuple[Path, Path, dict]) -> 
 
 def test_report_compare_still_works(tiny_run: tuple[Path, Path, dict],
                                     capsys: pytest.CaptureFixture[str]) -> None:
-    from genci_dist.report import main
+    from genci_dist.analysis.report import main
 
     run = tiny_run[0]
     assert main(["compare", str(run / "metrics.json"), "--base", run.name]) == 0
@@ -232,8 +232,8 @@ def test_stored_probability_one_gives_a_finite_logloss() -> None:
     LogLoss must stay finite and equal sklearn's on the clipped probabilities."""
     from sklearn.metrics import log_loss
 
-    from genci_dist.analysis import prob_to_logit
-    from genci_dist.metrics import logloss
+    from genci_dist.analysis.volatility import prob_to_logit
+    from genci_dist.runtime.metrics import logloss
 
     prob = np.array([1.0, 0.0, 0.3, 1.0], dtype=np.float32)
     y = np.array([1.0, 0.0, 1.0, 0.0])
@@ -248,7 +248,7 @@ def test_compare_table_relaimpr_and_time_across_resumes(tmp_path: Path) -> None:
     """Hand-computed: RelaImpr = (0.83 − 0.5) / (0.80 − 0.5) − 1 = +10.00 %; the time column
     sums every epoch's seconds (60 + 120 s → 3.0 min, also epochs of an earlier process) and
     falls back to train_wall_s for files without a history."""
-    from genci_dist.report import compare_table
+    from genci_dist.analysis.report import compare_table
 
     def write(name: str, metrics: dict) -> Path:
         (tmp_path / name).mkdir()
@@ -310,7 +310,7 @@ def test_calibration_recovers_a_known_overconfidence(tmp_path: Path,
     and bring test LogLoss down to that of q itself; AUC is untouched."""
     from scipy.special import expit, logit
 
-    from genci_dist.report import main
+    from genci_dist.analysis.report import main
 
     rng = np.random.default_rng(1)
     files = {}

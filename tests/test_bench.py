@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from data_pipes.collate import load_item_tokens
-from genci_dist.bench import main, parse_variant, summarize
-from genci_dist.bench_measure import EVAL_PHASES, FORWARD_PHASES, TRAIN_PHASES
+from genci_dist.bench.cli import main, parse_variant, summarize
+from genci_dist.bench.measure import EVAL_PHASES, FORWARD_PHASES, TRAIN_PHASES
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL_S = 2e-3  # perf_counter bookkeeping between the phases and the step's own clock

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import log_loss, roc_auc_score
 
-from genci_dist.metrics import auc, compute_all, gauc, logloss, rela_impr
+from genci_dist.runtime.metrics import auc, compute_all, gauc, logloss, rela_impr
 
 
 def test_auc_and_logloss_match_references_with_ties() -> None:

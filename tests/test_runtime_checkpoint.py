@@ -25,15 +25,15 @@ import torch
 import torch.multiprocessing as mp
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-import genci_dist.checkpoint as ckpt_mod
+import genci_dist.runtime.checkpoint as ckpt_mod
 from data_pipes.schema import feature_specs, load_manifest
 from data_pipes.stream import build_loader
-from genci_dist.checkpoint import CheckpointManager, load_model_only
 from genci_dist.config import ConfigError, JobConfig, load_config
-from genci_dist.distributed import DistEnv
-from genci_dist.evaluate import evaluate_loader
 from genci_dist.model.build import build_task
 from genci_dist.model.config import ModelConfig
+from genci_dist.runtime.checkpoint import CheckpointManager, load_model_only
+from genci_dist.runtime.distributed import DistEnv
+from genci_dist.runtime.evaluation import evaluate_loader
 
 K_STOP = 2        # run B stops here (a checkpoint every 2 steps)
 SLOW_STEP_S = 1.0  # run K's interrupted steps (e)
@@ -104,7 +104,7 @@ def _init(rank: int, world: int, port: int) -> DistEnv:
 
 
 def _phase1(rank: int, world: int, port: int, data: str, tmp: str) -> None:
-    from genci_dist.trainer import Trainer
+    from genci_dist.runtime.trainer import Trainer
 
     env = _init(rank, world, port)
     out = Path(tmp)
@@ -165,9 +165,9 @@ def _phase1(rank: int, world: int, port: int, data: str, tmp: str) -> None:
 
 
 def _phase2(rank: int, world: int, port: int, data: str, tmp: str) -> None:
-    from genci_dist.checkpoint import load_model_sharded
-    from genci_dist.sharding import build_dmp
-    from genci_dist.trainer import Trainer
+    from genci_dist.runtime.checkpoint import load_model_sharded
+    from genci_dist.runtime.sharding import build_dmp
+    from genci_dist.runtime.trainer import Trainer
 
     env = _init(rank, world, port)
     out = Path(tmp)
@@ -355,7 +355,7 @@ def test_execution_only_model_fields_do_not_block_a_resume(runs: Path, tiny_data
 
 
 def _early_stop_twice(rank: int, world: int, port: int, data: str, tmp: str) -> None:
-    from genci_dist.trainer import Trainer
+    from genci_dist.runtime.trainer import Trainer
 
     env = _init(rank, world, port)
     try:

@@ -18,11 +18,11 @@ import torch.distributed.checkpoint as real_dcp
 from torch import nn
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 
-import genci_dist.checkpoint as ckpt_mod
-from genci_dist.checkpoint import CheckpointManager, load_model_only
+import genci_dist.runtime.checkpoint as ckpt_mod
 from genci_dist.config import JobConfig, load_config
 from genci_dist.config_loader import ConfigError
-from genci_dist.distributed import DistEnv
+from genci_dist.runtime.checkpoint import CheckpointManager, load_model_only
+from genci_dist.runtime.distributed import DistEnv
 
 
 class Loader:

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from genci_dist.distributed import DistEnv
+from genci_dist.runtime.distributed import DistEnv
 
 _TORCHRUN = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID")
 
@@ -62,7 +62,7 @@ def test_impossible_device_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
 _FAULTS_SCRIPT = """
 import resource, sys
 import torch
-from genci_dist.distributed import keep_freed_memory
+from genci_dist.runtime.distributed import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "keep" else None
 def fill_faults(mib):   # minor page faults of allocating and writing `mib` MiB, then freeing it
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

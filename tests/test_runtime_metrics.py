@@ -1,4 +1,4 @@
-"""Metrics (genci_dist.metrics) against float64 references and hand-computed cases, and the
+"""Metrics (genci_dist.runtime.metrics) against float64 references and hand-computed cases, and the
 MetricAccumulator over two real gloo ranks holding uneven shares of the predictions."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch
 import torch.multiprocessing as mp
 from sklearn.metrics import roc_auc_score
 
-from genci_dist.distributed import DistEnv
-from genci_dist.metrics import MetricAccumulator, auc, compute_all, gauc, logloss, rela_impr
+from genci_dist.runtime.distributed import DistEnv
+from genci_dist.runtime.metrics import MetricAccumulator, auc, compute_all, gauc, logloss, rela_impr
 
 
 def _pairwise_auc(scores: np.ndarray, labels: np.ndarray) -> float:

@@ -22,10 +22,10 @@ import torch.multiprocessing as mp
 from data_pipes.collate import build_batch
 from data_pipes.schema import feature_specs, load_manifest
 from data_pipes.stream import list_row_groups
-from genci_dist.checkpoint import load_model_only, load_model_sharded
 from genci_dist.config import JobConfig, load_config
-from genci_dist.distributed import DistEnv
 from genci_dist.model.build import build_task
+from genci_dist.runtime.checkpoint import load_model_only, load_model_sharded
+from genci_dist.runtime.distributed import DistEnv
 
 GLOBAL_BATCH = 32
 STEPS = 6
@@ -71,7 +71,7 @@ def _parity_worker(rank: int, world: int, port: int, data_dir: str, out: str) ->
     try:
         from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-        from genci_dist.sharding import build_dmp
+        from genci_dist.runtime.sharding import build_dmp
 
         torch.manual_seed(0)
         cfg = _config(data_dir, "table_wise" if world == 1 else "row_wise")

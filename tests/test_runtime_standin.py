@@ -26,7 +26,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConf
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from genci_dist.checkpoint import load_model_only
+from genci_dist.runtime.checkpoint import load_model_only
 
 GLOBAL_BATCH = 8
 STEPS = 4
@@ -126,9 +126,9 @@ def _free_port() -> int:
 def _worker(rank: int, world: int, port: int, init_dir: str, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    from genci_dist.checkpoint import load_model_sharded
-    from genci_dist.distributed import DistEnv
-    from genci_dist.sharding import (
+    from genci_dist.runtime.checkpoint import load_model_sharded
+    from genci_dist.runtime.distributed import DistEnv
+    from genci_dist.runtime.sharding import (
         ShardingConfig,
         build_dmp,
         build_lr_scheduler,
@@ -250,7 +250,7 @@ def test_schedule_factors_are_warmup_then_cosine() -> None:
     """build_lr_scheduler scales only the dense lr by the hand-computed factors."""
     from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 
-    from genci_dist.sharding import build_lr_scheduler
+    from genci_dist.runtime.sharding import build_lr_scheduler
 
     lin = nn.Linear(2, 1)
     dense = KeyedOptimizerWrapper(dict(lin.named_parameters()),
@@ -305,7 +305,7 @@ def test_plan_honours_per_table_overrides_on_cpu(runs: tuple[Path, StandIn]) -> 
 def test_bad_sharding_requests_fail_with_a_clear_message() -> None:
     """EC tables cannot be table-row-wise (TorchRec has no such EC sharding), unknown tables and
     fused optimizers the CPU kernels lack are refused up front, naming the setting."""
-    from genci_dist.sharding import ShardingConfig, build_constraints, fused_params
+    from genci_dist.runtime.sharding import ShardingConfig, build_constraints, fused_params
 
     model = StandIn(device=torch.device("meta"))
     with pytest.raises(ValueError, match=r"sharding.default_type = 'table_row_wise'.*t_hist"):

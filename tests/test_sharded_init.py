@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from data_pipes.schema import feature_specs, load_manifest
-from genci_dist.distributed import DistEnv
 from genci_dist.model.build import build_task, load_generation_assets
 from genci_dist.model.config import ModelConfig
-from genci_dist.sharding import ShardingConfig, build_dmp
+from genci_dist.runtime.distributed import DistEnv
+from genci_dist.runtime.sharding import ShardingConfig, build_dmp
 
 
 @pytest.mark.parametrize("kind", ["table_wise", "row_wise"])

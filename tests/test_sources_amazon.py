@@ -13,10 +13,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from data_pipes.amazon import DESCRIPTION_CHARS, load_amazon
 from data_pipes.prepare import main
 from data_pipes.protocol import apply_label_rule, build_samples
 from data_pipes.schema import DatasetError
+from data_pipes.sources.amazon import DESCRIPTION_CHARS, load_amazon
 
 N_ITEMS = 32                      # items B00..B31
 SEQ = [j for j in range(N_ITEMS) if j not in (5, 17)]  # items left after dropping rating 3

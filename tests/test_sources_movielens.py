@@ -232,14 +232,14 @@ def test_failures_leave_nothing_behind(tmp_path: Path,
     assert rc == 2 and "ratings.dat: line 3: rating 'x'" in capsys.readouterr().err
     (src / "users.dat").unlink()
     with pytest.raises(DatasetError, match=r"users\.dat: file not found"):
-        from data_pipes.movielens import load_dat_dir
+        from data_pipes.sources.movielens import load_dat_dir
         load_dat_dir(src)
     assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 
 def test_atomic_error_lines_count_blank_lines() -> None:
     """Line numbers in atomic-file errors are file lines even when blank lines precede."""
-    from data_pipes.recbole import read_atomic
+    from data_pipes.sources.recbole import read_atomic
 
     with pytest.raises(DatasetError, match=r"f\.inter: line 5: field 'r' = 'x'"):
         read_atomic(b"a:token\tr:float\r\n1\t2\r\n\r\n\r\n2\tx\r\n", "f.inter")

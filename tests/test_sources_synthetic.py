@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-import data_pipes.synthetic as synthetic
+import data_pipes.sources.synthetic as synthetic
 from data_pipes.prepare import main
 
 

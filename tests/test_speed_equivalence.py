@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from transformers import T5Config, T5ForConditionalGeneration
 
 from data_pipes.batch import Batch
-from genci_dist.model.bench import FEATURES, random_assets, random_batch
+from genci_dist.bench.beam import FEATURES, random_assets, random_batch
 from genci_dist.model.config import ModelConfig
 from genci_dist.model.t5_attention import AbsorbedCrossAttention, absorb_cross_attention, register
 from genci_dist.model.task import GenCITask

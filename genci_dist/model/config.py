@@ -14,7 +14,7 @@ class ModelConfig:
         "reuse_cross_kv"})
     """Fields that choose only how the same function is computed (kernel, blocks, slices,
     shared or absorbed work): a checkpoint resumes or evaluates under any setting of them,
-    including fields a newer version added (genci_dist/checkpoint.py `fingerprint`)."""
+    including fields a newer version added (genci_dist/runtime/checkpoint.py `fingerprint`)."""
 
     name: Literal["genci", "deepfm", "dcnv2", "din"] = "genci"
     embedding_dim: int = 16

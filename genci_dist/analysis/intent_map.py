@@ -6,7 +6,7 @@ target item representations" and names no label filter, so all samples are used 
 in the ORIGINAL d_model space (mean cosine of each sample's target item to its H_STI and to its
 H_LTI) and in the 2-D embedding (paired distances and per-kind spread), so a claim about the
 figure can be checked without looking at it. Interest volatility lives in
-`genci_dist.analysis`.
+`genci_dist.analysis.volatility`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from genci_dist.analysis import (
+from genci_dist.analysis.volatility import (
     INTENT_COLOURS,
     INTENT_KINDS,
     INTENT_LABELS,
@@ -43,9 +43,9 @@ def collect_intents(checkpoint: str | Path, n_samples: int = 2000, split: str = 
 
     from data_pipes.schema import feature_specs, load_manifest
     from data_pipes.stream import build_loader
-    from genci_dist.checkpoint import load_checkpoint_config, load_model_only, resolve
     from genci_dist.config import ConfigError
     from genci_dist.model.build import batch_fields, build_task, load_generation_assets
+    from genci_dist.runtime.checkpoint import load_checkpoint_config, load_model_only, resolve
 
     if labels not in ("all", "positive"):
         raise AnalysisError(f"labels must be 'all' or 'positive', not {labels!r}")
@@ -155,7 +155,7 @@ def write_fig4(checkpoint: str | Path, out_dir: str | Path, n_samples: int = 200
                labels: str = "all", random_state: int = 0, data_dir: str | Path | None = None,
                split: str = "test") -> list[Path]:
     """fig4_tsne.png + fig4_tsne.json for a GenCI checkpoint."""
-    from genci_dist.checkpoint import resolve
+    from genci_dist.runtime.checkpoint import resolve
 
     try:
         checkpoint = resolve(checkpoint)

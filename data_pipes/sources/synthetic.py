@@ -24,7 +24,15 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from data_pipes.protocol import Interactions, apply_label_rule, build_samples
-from data_pipes.schema import ITEMS, MANIFEST, SCHEMA_VERSION, SPLITS, USERS, DatasetError
+from data_pipes.schema import (
+    ITEMS,
+    MANIFEST,
+    SCHEMA_VERSION,
+    SPLITS,
+    USERS,
+    DatasetError,
+    manifest_summary,
+)
 from data_pipes.writer import (
     SideTable,
     feature_list,
@@ -153,8 +161,6 @@ def prepare_synthetic(args: argparse.Namespace) -> dict[str, Any]:
                                  "scale": s, "label_rule": "drop rating 3; label = rating > 3"},
                     "counts": out_counts, "features": [f.to_json() for f in features],
                     "row_group_size": args.row_group_size, "files": files,
-                    "source": {"generator": "data_pipes.synthetic", "scale": s}}
+                    "source": {"generator": "data_pipes.sources.synthetic", "scale": s}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    from data_pipes.prepare import report
-
-    return report(manifest, time.perf_counter() - t0, args.out)
+    return manifest_summary(manifest, time.perf_counter() - t0, args.out)

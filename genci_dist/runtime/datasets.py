@@ -15,7 +15,7 @@ import tomli_w
 from data_pipes.schema import MANIFEST, SEMANTIC_IDS, DatasetError
 from genci_dist.config import JobConfig
 from genci_dist.config_loader import to_plain
-from genci_dist.distributed import DistEnv
+from genci_dist.runtime.distributed import DistEnv
 
 # Scale factor of the "tiny" source: ~0.3% of Amazon-Instrument, a few hundred users.
 TINY_SCALE = 0.004

@@ -3,7 +3,7 @@
 transformers' `generate(..., prefix_allowed_tokens_fn=...)` on the same trie. One process,
 random inputs of the right shapes (no dataset needed), timings after a warm-up step.
 
-    python -m genci_dist.model.bench --batch-size 1024 --threads 2
+    python -m genci_dist.bench.beam --batch-size 1024 --threads 2
 """
 
 from __future__ import annotations

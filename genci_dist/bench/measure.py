@@ -1,4 +1,4 @@
-"""Measurement pieces of `genci-bench` (genci_dist/bench.py): the phase clock and module
+"""Measurement pieces of `genci-bench` (genci_dist/bench/cli.py): the phase clock and module
 hooks, the endless batch feed, the timed train/eval loop, FLOP and matmul rates."""
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from genci_dist.distributed import DistEnv
+from genci_dist.runtime.distributed import DistEnv
 
 ShardingName = Literal["auto", "table_wise", "row_wise", "column_wise", "table_row_wise",
                        "table_column_wise", "data_parallel"]

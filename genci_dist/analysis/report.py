@@ -1,15 +1,15 @@
 """Plots and tables for finished runs.
 
-    python -m genci_dist.report compare runs/a/metrics.json runs/b/metrics.json [--base NAME]
+    python -m genci_dist.analysis.report compare runs/a/metrics.json runs/b/metrics.json [--base NAME]
         side-by-side AUC / LogLoss / GAUC / RelaImpr table
-    python -m genci_dist.report figures --run RUN [--checkpoint CKPT] [--data DIR]
+    python -m genci_dist.analysis.report figures --run RUN [--checkpoint CKPT] [--data DIR]
             [--predictions NAME=FILE ...] [--tsne-samples N] [--tsne-labels all|positive]
         into RUN: training_curves.png; fig4_tsne.png/.json (GenCI runs, paper Fig. 4);
         with predictions, volatility.png/.json/.md (paper Table 5)
-    python -m genci_dist.report volatility --data DIR --predictions NAME=FILE ... --out DIR
+    python -m genci_dist.analysis.report volatility --data DIR --predictions NAME=FILE ... --out DIR
             [--base NAME]
         fast- vs slow-changing users' AUC / LogLoss for several models (paper Table 5)
-    python -m genci_dist.report calibration --valid NAME=FILE ... --test NAME=FILE ... --out DIR
+    python -m genci_dist.analysis.report calibration --valid NAME=FILE ... --test NAME=FILE ... --out DIR
         how much of each model's test LogLoss is calibration: a prior shift and Platt's map
         fitted on its valid predictions, applied to its test predictions
 
@@ -24,39 +24,9 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from genci_dist.metrics import rela_impr
-
-
-def write_training_curves(history: list[dict[str, Any]], run_dir: Path) -> Path | None:
-    """Train loss and valid AUC / LogLoss per epoch → run_dir/training_curves.png."""
-    if not history:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [h["epoch"] for h in history]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    train_keys = sorted({k for h in history for k in h.get("train", {})})
-    for k in train_keys:
-        axes[0].plot(epochs, [h["train"].get(k, float("nan")) for h in history], marker="o",
-                     label=k)
-    axes[0].set_title("train loss (epoch mean)")
-    axes[0].legend(fontsize=7)
-    for ax, key in zip(axes[1:], ("auc", "logloss"), strict=True):
-        ax.plot(epochs, [h["valid"][key] for h in history], marker="o")
-        ax.set_title(f"valid {key}")
-    for ax in axes:
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out = Path(run_dir) / "training_curves.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+from genci_dist.runtime.curves import write_training_curves
+from genci_dist.runtime.metrics import rela_impr
 
 
 def compare_table(runs: Sequence[Path], split: str = "test", base: str | None = None) -> str:
@@ -103,7 +73,7 @@ def _train_seconds(m: dict) -> float | None:
 
 def _named_files(items: Sequence[str], flag: str = "--predictions") -> dict[str, Path]:
     """NAME=FILE pairs (a bare FILE is named after its stem) in the order given."""
-    from genci_dist.analysis import AnalysisError
+    from genci_dist.analysis.volatility import AnalysisError
 
     out: dict[str, Path] = {}
     for item in items:
@@ -124,8 +94,9 @@ def figures(run_dir: Path, checkpoint: Path | None = None, data_dir: Path | None
     """Every figure of one run, written into run_dir; returns the paths written. What cannot
     be made (no history yet, no checkpoint, a baseline run without intents) is reported and
     skipped, so one missing piece does not cost the others."""
-    from genci_dist import analysis, intent_map
-    from genci_dist.checkpoint import load_checkpoint_config, resolve
+    from genci_dist.analysis import intent_map
+    from genci_dist.analysis import volatility as analysis
+    from genci_dist.runtime.checkpoint import load_checkpoint_config, resolve
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -198,8 +169,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from data_pipes.schema import DatasetError
-    from genci_dist.analysis import AnalysisError, volatility_comparison, write_volatility
-    from genci_dist.calibration import calibration_comparison, write_calibration
+    from genci_dist.analysis.calibration import calibration_comparison, write_calibration
+    from genci_dist.analysis.volatility import (
+        AnalysisError,
+        volatility_comparison,
+        write_volatility,
+    )
     from genci_dist.config import ConfigError
 
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)

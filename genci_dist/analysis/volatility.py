@@ -1,5 +1,5 @@
 """Interest volatility of users (paper App. A.1, Table 5) and per-group metrics; shared
-constants and errors of the post-hoc analyses (Fig. 4 is in `genci_dist.intent_map`).
+constants and errors of the post-hoc analyses (Fig. 4 is in `genci_dist.analysis.intent_map`).
 
 Interest volatility. The paper partitions users "based on interest volatility, calculated via
 the average Jaccard distance of consecutive item genres" and says nothing more; the choices
@@ -16,10 +16,10 @@ left open are made here, explicitly:
 - the median is taken over the TEST users (users with at least one test sample) whose
   volatility is defined; "fast" = above the median, "slow" = at or below it.
 
-Per-group AUC and LogLoss come from `genci_dist.metrics` on the per-sample predictions that
+Per-group AUC and LogLoss come from `genci_dist.runtime.metrics` on the per-sample predictions that
 `python -m genci_dist.evaluate --predictions FILE` writes.
 
-Fig. 4 (t-SNE of intents) lives in `genci_dist.intent_map`.
+Fig. 4 (t-SNE of intents) lives in `genci_dist.analysis.intent_map`.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
-from genci_dist import metrics
+from genci_dist.runtime import metrics
 
 SPLITS = ("train", "valid", "test")
 GROUPS = ("fast", "slow", "all")

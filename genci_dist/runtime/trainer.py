@@ -19,20 +19,20 @@ from tqdm import tqdm
 
 from data_pipes.schema import feature_specs, load_manifest
 from data_pipes.stream import build_loader
-from genci_dist.checkpoint import CheckpointManager
 from genci_dist.config import JobConfig, save_config
-from genci_dist.datasets import ensure_dataset
-from genci_dist.distributed import DistEnv
-from genci_dist.evaluate import bf16_autocast, evaluate_loader
 from genci_dist.model.build import batch_fields, build_task, load_generation_assets
-from genci_dist.sharding import (
+from genci_dist.runtime.checkpoint import CheckpointManager
+from genci_dist.runtime.datasets import ensure_dataset
+from genci_dist.runtime.distributed import DistEnv
+from genci_dist.runtime.evaluation import bf16_autocast, evaluate_loader
+from genci_dist.runtime.sharding import (
     build_dmp,
     build_lr_scheduler,
     build_optimizer,
     describe_plan,
     keep_sharding_types,
 )
-from genci_dist.steplog import ScalarWriter, StepTimer, format_step_line
+from genci_dist.runtime.steplog import ScalarWriter, StepTimer, format_step_line
 
 
 def seed_everything(seed: int, rank: int) -> None:
@@ -270,7 +270,7 @@ class Trainer:
             (self.run_dir / "metrics.json").write_text(json.dumps(results, indent=2))
             print("[result] " + json.dumps({s: results[s] for s in self.cfg.eval.splits}),
                   flush=True)
-            from genci_dist.report import write_training_curves
+            from genci_dist.runtime.curves import write_training_curves
 
             write_training_curves(self.history, self.run_dir)
         self.tb.close()

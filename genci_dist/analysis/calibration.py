@@ -1,5 +1,5 @@
 """Calibration of a model's predictions: how much of its test LogLoss a prior shift or
-Platt's map, fitted on its valid predictions, removes (`python -m genci_dist.report
+Platt's map, fitted on its valid predictions, removes (`python -m genci_dist.analysis.report
 calibration`). AUC is unchanged by a monotone map; nothing is fitted on test."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from genci_dist import metrics
-from genci_dist.analysis import AnalysisError, prob_to_logit, read_predictions
+from genci_dist.analysis.volatility import AnalysisError, prob_to_logit, read_predictions
+from genci_dist.runtime import metrics
 
 
 def fit_calibration(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:

@@ -33,9 +33,9 @@ from torchrec.distributed.types import ShardingPlan
 
 from genci_dist.config import JobConfig, load_config
 from genci_dist.config_loader import ConfigError, to_plain
-from genci_dist.distributed import DistEnv
 from genci_dist.model.config import ModelConfig
-from genci_dist.sharding import plan_to_dict
+from genci_dist.runtime.distributed import DistEnv
+from genci_dist.runtime.sharding import plan_to_dict
 
 META = "meta.json"
 TRAIN_STATE = "train_state.pt"

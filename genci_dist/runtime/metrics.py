@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
-from genci_dist.distributed import DistEnv
+from genci_dist.runtime.distributed import DistEnv
 
 
 def rela_impr(auc: float, base_auc: float) -> float:

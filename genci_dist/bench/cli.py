@@ -62,7 +62,7 @@ from typing import Any
 
 import torch
 
-from genci_dist.bench_measure import (
+from genci_dist.bench.measure import (
     EVAL_PHASES,
     TRAIN_PHASES,
     Feed,
@@ -116,8 +116,8 @@ def load_spec_config(spec: RunSpec, run_dir: str) -> Any:
 
 def run_rank(spec: RunSpec, run_dir: str) -> list[dict[str, Any]] | None:
     """Everything one rank does for one measurement; rank 0 returns the report lines."""
-    from genci_dist.distributed import DistEnv
-    from genci_dist.trainer import Trainer
+    from genci_dist.runtime.distributed import DistEnv
+    from genci_dist.runtime.trainer import Trainer
 
     cfg = load_spec_config(spec, run_dir)
     env = DistEnv.init(cfg.train.device, require_pg=True, keep_freed=cfg.train.keep_freed_memory)
