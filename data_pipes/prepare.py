@@ -4,8 +4,14 @@
     genci-prepare --dataset ml-1m --out data/ml-1m --split random
     genci-prepare --dataset ml-dat --source path/to/ml-1m-dat-folder --out data/ml-1m-dat
     genci-prepare --dataset recbole --source path/to/atomic-folder --out data/mine
+    genci-prepare --dataset recbole --atomic-dir DIR --name NAME --label-rule implicit --out data/N
     genci-prepare --dataset amazon --source path/to/Musical_Instruments.jsonl.gz --out data/instr
     genci-prepare --dataset synthetic --scale 1.0 --out data/synth-1
+
+`--dataset recbole --source DIR` reads MovieLens-shaped atomic files (the ML-100K/ML-1M
+fields and features); `--dataset recbole --atomic-dir DIR` is the generic RecBole source (any
+`.inter` with user_id, item_id, a rating or label column, optional timestamp; side features
+from whatever `.user`/`.item` columns exist; see data_pipes/sources/recbole.py).
 
 Prints a progress bar and, at the end, a JSON report (counts, per-split rows and positive
 rates, average history length, seconds).
@@ -23,7 +29,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from data_pipes.protocol import apply_label_rule, build_samples
+from data_pipes.protocol import MOVIELENS, LabelRule, apply_label_rule, build_samples
 from data_pipes.schema import DatasetError, manifest_summary
 from data_pipes.writer import write_dataset
 
@@ -35,6 +41,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, choices=DATASETS)
     p.add_argument("--out", required=True, help="output folder of the prepared dataset")
     p.add_argument("--source", default=None, help="raw files (ml-dat, recbole, amazon)")
+    p.add_argument("--atomic-dir", default=None,
+                   help="recbole only: folder of RecBole atomic files for the generic source "
+                        "(NAME.inter, optional NAME.user / NAME.item)")
+    p.add_argument("--name", default=None,
+                   help="generic recbole: the files' stem and the manifest's dataset name "
+                        "(default: the one *.inter in --atomic-dir)")
+    p.add_argument("--label-rule", type=_label_rule, default=None,
+                   help="threshold:T (label = rating >= T) | drop-band:LO-HI (drop LO..HI, "
+                        "label = rating > HI; MovieLens = drop-band:3-3, the MovieLens default) "
+                        "| implicit (all positive) | label (the .inter's 0/1 label column, the "
+                        "generic default when it has one)")
+    p.add_argument("--float-buckets", type=int, default=10,
+                   help="generic recbole: :float side features with more distinct values are "
+                        "bucketised into this many equal-frequency buckets; 0 = leave them out")
     p.add_argument("--data-root", default="data", help="download cache root (wheels)")
     p.add_argument("--split", default=None, choices=["temporal", "random", "leave_one_out"],
                    help="default: temporal (MovieLens), leave_one_out (Amazon, synthetic)")
@@ -49,6 +69,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _label_rule(text: str) -> LabelRule:
+    try:
+        return LabelRule.parse(text)
+    except DatasetError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _movielens(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     from data_pipes.sources import movielens as ml
 
@@ -58,7 +85,7 @@ def _movielens(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         raw, source = ml.load_dat_dir(Path(_need_source(args))), {"path": args.source}
     else:
         raw, source = ml.load_atomic_dir(Path(_need_source(args))), {"path": args.source}
-    return ml.to_tables(raw), source
+    return ml.to_tables(raw, getattr(args, "label_rule", None) or MOVIELENS), source
 
 
 def _need_source(args: argparse.Namespace) -> str:
@@ -69,6 +96,15 @@ def _need_source(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
+    rule: LabelRule = getattr(args, "label_rule", None) or MOVIELENS
+    generic = args.dataset == "recbole" and getattr(args, "atomic_dir", None)
+    if getattr(args, "label_rule", None) and args.dataset in ("amazon", "synthetic"):
+        raise DatasetError(f"--label-rule: the {args.dataset} source has its fixed rule "
+                           "(drop rating 3, > 3 positive)")
+    if generic and args.source:
+        raise DatasetError("--dataset recbole: give --source (MovieLens-shaped files) or "
+                           "--atomic-dir (generic), not both")
+    name, extra = args.dataset, {}
     if args.dataset == "synthetic":
         from data_pipes.sources.synthetic import prepare_synthetic
 
@@ -78,18 +114,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         (inter, user, item), source = load_amazon(Path(_need_source(args)))
         split, max_hist = args.split or "leave_one_out", args.max_history or 20
+    elif generic:
+        from data_pipes.sources.recbole import load_generic
+
+        (inter, user, item), rule, source, extra = load_generic(
+            Path(args.atomic_dir), args.name, getattr(args, "label_rule", None),
+            float_buckets=args.float_buckets)
+        name = source["name"]
+        split, max_hist = args.split or "temporal", args.max_history or 50
     else:
         (inter, user, item), source = _movielens(args)
         split, max_hist = args.split or "temporal", args.max_history or 50
-    kept, label = apply_label_rule(inter)
+    kept, label = apply_label_rule(inter, rule)
     samples = build_samples(kept, label, split=split, max_history=max_hist, seed=args.seed)
-    protocol = {"label_rule": "drop rating 3; label = rating > 3",
+    protocol = {"label_rule": rule.describe(),
                 "ordering": "per user by (timestamp, dense item id = sorted raw id)",
                 "split": split, "max_history": max_hist, "seed": args.seed,
-                "history": "earlier positives of the user, most recent max_history, oldest first"}
-    with tqdm(total=len(samples), desc=f"writing {args.dataset}", unit="rows",
+                "history": "earlier positives of the user, most recent max_history, oldest first",
+                **extra}
+    with tqdm(total=len(samples), desc=f"writing {name}", unit="rows",
               disable=args.no_progress) as bar:
-        manifest = write_dataset(Path(args.out), dataset=args.dataset, protocol=protocol,
+        manifest = write_dataset(Path(args.out), dataset=name, protocol=protocol,
                                  samples=samples, user=user, item=item,
                                  row_group_size=args.row_group_size, shard_rows=args.shard_rows,
                                  seed=args.seed, force=args.force, source=source,

@@ -7,6 +7,7 @@ one row per sample with its split and its history as Arrow-style (offsets, value
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -15,6 +16,8 @@ import numpy as np
 from data_pipes.schema import DatasetError
 
 SPLIT_CODES = {"train": 0, "valid": 1, "test": 2}
+# Raw ids sorted numerically: ASCII integers that fit int64 ("²" or "--5" sort as strings).
+_INT_ID = re.compile(r"-?[0-9]{1,18}")
 
 
 @dataclass
@@ -53,13 +56,87 @@ class Samples:
                        self.split[idx], offsets, self.hist_values[gather])
 
 
-def apply_label_rule(x: Interactions) -> tuple[Interactions, np.ndarray]:
-    """Drops rating == 3; label = rating > 3 (SPEC §1.1)."""
-    if x.rating.size and not np.isfinite(x.rating).all():
+@dataclass(frozen=True)
+class LabelRule:
+    """How a rating (or a label column) becomes a 0/1 label, and which rows are dropped.
+
+    - ``drop-band:LO-HI``: rows with LO <= rating <= HI are dropped; label = rating > HI.
+      MovieLens (SPEC §1.1) is ``drop-band:3-3`` (drop 3, > 3 positive), the default of the
+      MovieLens sources only.
+    - ``threshold:T``: nothing dropped; label = rating >= T (RecBole's ``threshold`` meaning).
+    - ``implicit``: nothing dropped; every interaction is a positive.
+    - ``label``: the value already is the label (a ``label`` column); it must be 0 or 1.
+    """
+
+    kind: Literal["drop-band", "threshold", "implicit", "label"]
+    lo: float = 0.0
+    hi: float = 0.0
+
+    @staticmethod
+    def parse(text: str) -> LabelRule:
+        num = r"(-?\d+(?:\.\d*)?)"
+        t = text.strip()
+        if t in ("implicit", "label"):
+            return LabelRule(t)  # type: ignore[arg-type]
+        if m := re.fullmatch(rf"threshold:{num}", t):
+            return LabelRule("threshold", float(m[1]), float(m[1]))
+        if m := re.fullmatch(rf"drop-band:{num}-{num}", t):
+            lo, hi = float(m[1]), float(m[2])
+            if lo > hi:
+                raise DatasetError(f"label rule {text!r}: LO {lo:g} is above HI {hi:g}")
+            return LabelRule("drop-band", lo, hi)
+        raise DatasetError(f"label rule {text!r}: expected threshold:T, drop-band:LO-HI, "
+                           "implicit or label")
+
+    @property
+    def reads_rating(self) -> bool:
+        return self.kind in ("drop-band", "threshold")
+
+    def describe(self) -> str:
+        """The manifest's ``protocol.label_rule`` text."""
+        if self.kind == "drop-band":
+            dropped = (f"rating {self.lo:g}" if self.lo == self.hi
+                       else f"{self.lo:g} <= rating <= {self.hi:g}")
+            return f"drop {dropped}; label = rating > {self.hi:g}"
+        if self.kind == "threshold":
+            return f"label = rating >= {self.lo:g}; nothing dropped"
+        if self.kind == "implicit":
+            return "implicit feedback: every interaction is a positive (label 1)"
+        return "label column: label = the file's 0/1 label"
+
+    def keep(self, value: np.ndarray) -> np.ndarray:
+        """Rows the rule keeps."""
+        if self.kind == "drop-band":
+            return ~((value >= self.lo) & (value <= self.hi))
+        return np.ones(value.shape[0], dtype=bool)
+
+    def label(self, value: np.ndarray) -> np.ndarray:
+        if self.kind == "drop-band":
+            return (value > self.hi).astype(np.int8)
+        if self.kind == "threshold":
+            return (value >= self.lo).astype(np.int8)
+        if self.kind == "implicit":
+            return np.ones(value.shape[0], dtype=np.int8)
+        bad = np.flatnonzero((value != 0) & (value != 1))
+        if bad.size:
+            raise DatasetError(f"label column: row {int(bad[0]) + 1}: label "
+                               f"{value[bad[0]]:g} is not 0 or 1")
+        return value.astype(np.int8)
+
+
+MOVIELENS = LabelRule("drop-band", 3.0, 3.0)
+
+
+def apply_label_rule(x: Interactions, rule: LabelRule = MOVIELENS
+                     ) -> tuple[Interactions, np.ndarray]:
+    """Drops the rows the rule drops and labels the rest; `x.rating` holds the value the rule
+    reads (the rating, or the label column for rule ``label``). Default: MovieLens, drop
+    rating 3, label = rating > 3 (SPEC §1.1)."""
+    if rule.kind != "implicit" and x.rating.size and not np.isfinite(x.rating).all():
         raise DatasetError("ratings contain NaN or inf")
-    keep = x.rating != 3
+    keep = rule.keep(x.rating)
     kept = Interactions(x.user[keep], x.item[keep], x.rating[keep], x.timestamp[keep])
-    return kept, (kept.rating > 3).astype(np.int8)
+    return kept, rule.label(kept.rating)
 
 
 def five_core(user: np.ndarray, item: np.ndarray, k: int = 5) -> np.ndarray:
@@ -130,7 +207,7 @@ def dense_ids(raw: np.ndarray, numeric: bool | None = None) -> tuple[np.ndarray,
     raw = np.asarray(raw)
     if numeric is None:
         numeric = raw.dtype.kind in "iu" or (raw.dtype.kind in "UO" and raw.size > 0 and all(
-            str(v).lstrip("-").isdigit() for v in np.unique(raw)))
+            _INT_ID.fullmatch(str(v)) for v in np.unique(raw)))
     if numeric and raw.dtype.kind not in "iu":
         keys = raw.astype(np.int64)
     else:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from data_pipes.protocol import Interactions, dense_ids
+from data_pipes.protocol import MOVIELENS, Interactions, LabelRule, dense_ids
 from data_pipes.schema import DatasetError
 from data_pipes.sources.recbole import AtomicTable, read_atomic
 from data_pipes.writer import SideTable
@@ -86,6 +86,11 @@ def _col(t: AtomicTable, *names: str) -> np.ndarray:
 
 def from_atomic(inter: AtomicTable, item: AtomicTable, user: AtomicTable) -> RawMovieLens:
     inter.require("user_id", "item_id", "rating", "timestamp")
+    for name in ("rating", "timestamp"):       # an empty float field reads as NaN
+        bad = np.flatnonzero(~np.isfinite(np.asarray(inter.columns[name], dtype=np.float64)))
+        if bad.size:
+            raise DatasetError(f"{inter.path}: line {inter.line(int(bad[0]))}: {name} is "
+                               "missing, NaN or inf")
     item.require("item_id")
     user.require("user_id")
     genres = [str(g).split() for g in _col(item, "class", "genre", "genres")]
@@ -189,14 +194,15 @@ def _encode(values: np.ndarray) -> np.ndarray:
     return out
 
 
-def to_tables(raw: RawMovieLens) -> tuple[Interactions, SideTable, SideTable]:
-    """Dense ids for users/items that interact after the label rule's drop of rating 3 (so the
-    tables hold exactly the paper's 3,668 ML-1M items); side features mapped to 1..k (0 =
-    missing)."""
+def to_tables(raw: RawMovieLens, rule: LabelRule = MOVIELENS
+              ) -> tuple[Interactions, SideTable, SideTable]:
+    """Dense ids for users/items that interact after the label rule's drop (MovieLens: rating
+    3, so the tables hold exactly the paper's 3,668 ML-1M items); side features mapped to 1..k
+    (0 = missing)."""
     if not np.isfinite(raw.rating).all():
         bad = int(np.flatnonzero(~np.isfinite(raw.rating))[0])
         raise DatasetError(f"interactions: row {bad + 1}: rating is NaN/inf")
-    keep = raw.rating != 3
+    keep = rule.keep(raw.rating)
     u_dense, u_vocab = dense_ids(raw.inter_user[keep])
     i_dense, i_vocab = dense_ids(raw.inter_item[keep])
     inter = Interactions(u_dense, i_dense, raw.rating[keep].astype(np.float64),

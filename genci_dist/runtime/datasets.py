@@ -2,7 +2,10 @@
 
 Rank 0 prepares a missing dataset from the configured source and runs the tokenizer; every
 other rank waits at a barrier. A fresh clone can therefore run `configs/debug.toml` with no
-download: its source is a tiny synthetic dataset the project generates itself.
+download: its source is a tiny synthetic dataset the project generates itself. Running the
+tokenizer inside the trainer embeds every item of the dataset first (minutes on a real
+catalogue), so it is announced in one line that says how to do it beforehand with
+`genci-tokenize`.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from pathlib import Path
 
 import tomli_w
 
-from data_pipes.schema import MANIFEST, SEMANTIC_IDS, DatasetError
+from data_pipes.schema import MANIFEST, SEMANTIC_IDS, DatasetError, load_manifest
 from genci_dist.config import JobConfig
 from genci_dist.config_loader import to_plain
 from genci_dist.runtime.distributed import DistEnv
@@ -45,6 +48,18 @@ def _run_tokenizer(cfg: JobConfig, dataset_dir: Path) -> None:
         raise DatasetError(f"{dataset_dir}: the tokenizer failed (exit {rc})")
 
 
+def tokenizer_notice(dataset_dir: Path) -> str:
+    """The one line printed before the trainer runs the tokenizer itself."""
+    try:
+        n_items: object = load_manifest(dataset_dir)["counts"]["items"]
+    except (DatasetError, KeyError, TypeError):
+        n_items = "?"
+    return (f"[data] {dataset_dir} has no semantic IDs: running the tokenizer now on its "
+            f"{n_items} items (embeds every item text; the IDs go to "
+            f"{dataset_dir / SEMANTIC_IDS}); to do this beforehand: genci-tokenize --data "
+            f"{dataset_dir} --config <job or tokenizer .toml>")
+
+
 def ensure_dataset(cfg: JobConfig, env: DistEnv, need_semantic_ids: bool) -> Path:
     """Returns the prepared dataset folder, building what is missing on rank 0."""
     dataset_dir = Path(cfg.data.dir)
@@ -61,7 +76,7 @@ def ensure_dataset(cfg: JobConfig, env: DistEnv, need_semantic_ids: bool) -> Pat
             if rc != 0:
                 raise DatasetError(f"{dataset_dir}: genci-prepare failed (exit {rc})")
         if need_semantic_ids and not (dataset_dir / SEMANTIC_IDS).is_file():
-            print(f"[data] {dataset_dir} has no semantic IDs: running the tokenizer", flush=True)
+            print(tokenizer_notice(dataset_dir), flush=True)
             _run_tokenizer(cfg, dataset_dir)
     env.barrier()
     return dataset_dir
