@@ -18,6 +18,47 @@ while batches are built; --read-ahead). The raw scan decodes columns on Arrow's 
 so with read-ahead both sides may use two cores; the CPU seconds count both threads.
 
 Layouts with tokens are left out when the dataset has no semantic IDs yet.
+
+How to read it. The bench runs in rounds: the four scans, then every reader configuration.
+It prints best-of times and each round's paired scan/reader ratio. The machine's speed
+drifts by ±20–30 % between minutes, so the paired ratios, pooled over runs, are the figures
+to read. Each reader line gives its paired median ratio to every scan
+(`ratio_paired_median_by_scan`) and to the strictest one (`ratio_paired_median_strictest`).
+`raw_pyarrow_scan` re-parses a file's footer for every row group (~20 % of that scan), and
+the open-once scan does not. `pq.read_table`'s best-of swings widely between runs
+(0.10–0.37 s on ML-1M train), so always check which scan was strictest. The reader does
+everything a Batch needs on top of the scan: shuffle, validation, ids, padding, lookups.
+
+Measured (ML-1M train, 588,798 rows, `--workers 0 --repeats 7 --layouts genci,din,fields,full`,
+one process, training paused; 2026-12-04, commits 39140dc and 1512753). Seven runs of GenCI's
+layout with read-ahead gave 0.600, 0.580, 0.558, 0.521, 0.479, 0.488 and 0.522 of the
+strictest scan (median 0.522), against 0.30–0.41 without read-ahead. That is 2.15–2.36 M
+rows/s best-of, against 1.50–1.55 M without. The other layouts, per run, with read-ahead:
+din 0.57–0.62, fields 0.64–0.67, full (no model reads it) 0.43–0.55. On CPU time the reader
+does ~1.9× the scan's work (ratio 0.53), so its rate comes from using both cores, as the
+scans do.
+
+Design choices behind those figures (data_pipes/stream.py; 2026-12-04, 437b533 and 39140dc):
+- The read-ahead thread only reads Parquet. Arrow reads without holding the GIL, so the read
+  overlaps the gathering thread. Decoding on the read-ahead thread too was slower: moving
+  the decode to the gathering thread took 0.390 → 0.317 s and 0.306 → 0.280 s wall per epoch
+  in two interleaved A/Bs.
+- Not kept: two or three read-ahead threads (0.424 vs 0.427 s per epoch), Arrow's thread pool
+  for the read (0.417 vs 0.317 s), int16 tokens (inconclusive), and the `memory_map`,
+  `pre_buffer` and `read_dictionary` options (no gain).
+
+Where GenCI's layout spends its time, without read-ahead (cProfile, CPU s per epoch;
+2026-12-04, f30e630): the Parquet read 0.20, decode and validation 0.07, batch gathers 0.20
+(the token lookup 0.04: a row's int32 tokens are ~10× its history's Parquet bytes). The rest
+is the DataLoader and the epoch plan.
+
+Other measurements:
+- With worker processes, the trainer receives each batch through shared memory. That costs
+  ≈ 0.6 ms of its CPU per batch whatever the batch's size: more than building a batch costs
+  (2026-12-04, f30e630). The configs therefore keep `data.num_workers = 1`.
+- Length bucketing (`--bucket-window 32`) makes the reader slower, 0.55–0.60 CPU s per epoch
+  for GenCI's layout (2026-11-24, 5155910). Its batches gather from several row groups at
+  narrower widths, but the encoder work it saves is worth far more.
 """
 
 from __future__ import annotations

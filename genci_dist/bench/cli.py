@@ -39,6 +39,36 @@ Variants (`--variant NAME:"OVERRIDES"`) re-run every measurement with their over
 with `--repeats R` the variants are interleaved within each repeat and, when R > 1 or there
 are several variants, a summary line per bench (repeat = "median": medians, best_*, speedup
 against the first variant) follows each (config, model, world size) group.
+
+The commands behind README "Speed". Each starts with `genci-bench --configs configs/ml1m.toml
+--models genci`. The numbers are medians of the interleaved repeats. This machine's speed
+drifts between minutes, so compare only variants measured in the same run.
+- kernel + bucketing (2026-11-23): `--world-sizes 1 --only train --batch-size 256 --steps 16
+  --warmup 2`. The variants set `--model.attention sdpa|genci_t5` and
+  `--data.bucket_window 0|32`.
+- absorbed cross-attention (2026-11-23): `--world-sizes 1 --only train --batch-size 256
+  --steps 6 --warmup 2 --threads 1 --inprocess --repeats 2`, with the variants
+  `--model.absorb_cross_attention false|true`, each with and without
+  `--train.autocast_bf16 true`. The eval form is `--only eval --eval-batch-size 2048
+  --eval-batches 3 --eval-warmup 1`.
+- generator slices (2026-11-23): `--world-sizes 1 --only train --batch-size 1024 --steps 2
+  --warmup 1 --data.bucket_window 0`, with the variants `--model.generator_chunk 0|128`.
+  The eval form is `--only eval --eval-batch-size 2048 --threads 1 --inprocess --repeats 2`.
+- kept probabilities (2026-11-23): `--world-sizes 1 --only train --batch-size 1024 --steps 3
+  --warmup 1 --threads 2 --inprocess --repeats 2`, with the variants
+  `--model.attention_keep_probs false|true --train.autocast_bf16 true`.
+- freed memory (2026-11-23): `--world-sizes 2 --only train --batch-size 1024 --steps 3
+  --warmup 1 --repeats 2`, with the variants `--train.keep_freed_memory false|true
+  --train.autocast_bf16 true`.
+- ranks vs threads (2026-11-23): `--world-sizes 2`, then `--world-sizes 1`, each with
+  `--only train --batch-size 1024 --steps 3 --warmup 1 --train.autocast_bf16 true`. Threads
+  are cores / ranks.
+- eval dedup (2026-12-03): `--world-sizes 1 --only eval --eval-batch-size 2048
+  --eval-batches 2 --eval-warmup 1 --threads 1 --inprocess --repeats 2
+  --train.autocast_bf16 true`, with the variants `--model.dedup_eval_histories false|true`.
+- FLOPs vs matmul (2026-12-03): `--world-sizes 1 --only flops,matmul --threads 1 --inprocess
+  --repeats 2`, with the variants `--train.autocast_bf16 false|true`. The batch is padded to
+  max_history, so the count is the worst case: 0.449 GFLOP per sample.
 """
 
 from __future__ import annotations
