@@ -48,6 +48,8 @@ def _records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DatasetError(f"{path}: line {lineno}: not valid JSON ({e.msg})") from None
+                except RecursionError:
+                    raise DatasetError(f"{path}: line {lineno}: JSON nested too deeply") from None
                 if not isinstance(obj, dict):
                     raise DatasetError(f"{path}: line {lineno}: expected a JSON object")
                 yield lineno, obj
@@ -80,9 +82,11 @@ def read_reviews(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nda
         try:
             rating = float(r["rating"])
             ts = int(r["timestamp"])
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):   # OverflowError: int(Infinity)
             raise DatasetError(f"{path}: line {lineno}: rating {r['rating']!r} / timestamp "
                                f"{r['timestamp']!r} is not a number") from None
+        if not -(2 ** 62) < ts < 2 ** 62:
+            raise DatasetError(f"{path}: line {lineno}: timestamp {ts} is out of range")
         if not np.isfinite(rating):
             raise DatasetError(f"{path}: line {lineno}: rating {r['rating']!r} is not finite")
         users.append(str(r["user_id"]))

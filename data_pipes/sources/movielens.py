@@ -163,7 +163,7 @@ def load_dat_dir(folder: Path) -> RawMovieLens:
     for i, r in enumerate(ratings):
         try:
             rating[i], ts[i] = float(r[2]), int(r[3])
-        except ValueError:
+        except (ValueError, OverflowError):   # OverflowError: beyond int64
             raise DatasetError(f"{folder / 'ratings.dat'}: line {i + 1}: rating {r[2]!r} / "
                                f"timestamp {r[3]!r} is not a number") from None
     year_re = re.compile(r"\((\d{4})\)\s*$")
