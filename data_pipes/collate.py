@@ -3,7 +3,9 @@
 Two steps, so the per-batch work is only gathers:
 
 - `decode_rows` turns a pyarrow Table of sample rows (a whole row group in the reader) into
-  validated numpy columns once: ids checked against the manifest, labels against {0, 1},
+  validated numpy columns once: strict column types (`check_schema`: integer ids, an integer
+  or bool label, lists of integers; never a cast from text or floats), no nulls
+  (`check_nulls`), ids checked against the manifest, labels against {0, 1} (NaN/inf refused),
   histories truncated to `max_history` and laid out as a dense left-aligned 0-padded matrix,
   multi-valued features as offsets/values with padding ids dropped. A row group feeds many
   batches, so validating and decoding it once (not once per batch, after an Arrow `take`)
@@ -90,9 +92,76 @@ def _np(col: pa.ChunkedArray) -> np.ndarray:
 Where = str | Callable[[int], str]
 
 
-def _at(where: Where, row: int) -> str:
-    """Names the source of table row `row` (a string, or a locator from the reader)."""
-    return where(row) if callable(where) else f"{where} (batch row {row})"
+def _at(where: Where, row: int | None) -> str:
+    """Names the source of table row `row`, or of the whole table when row is None (a
+    string, or a locator from the reader taking the row or None)."""
+    if callable(where):
+        return where(row)
+    return where if row is None else f"{where} (batch row {row})"
+
+
+# What every sample column must hold (strict types: a label stored as text, or ids stored as
+# floats, are refused rather than cast). Kinds: "int" = any integer type; "label" = integer or
+# bool, 0/1 (a floating column is refused too, after its values are checked so a NaN is named
+# by row); "ints" = list of integers.
+_KINDS = {"int": "an integer type", "label": "an integer or bool type (0/1)",
+          "ints": "a list of an integer type"}
+
+
+def sample_columns(features: list[FeatureSpec]) -> dict[str, str]:
+    """{column: kind} of the sample columns a Batch is built from, in manifest order."""
+    cols = {USER: "int", ITEM: "int", LABEL: "label", HISTORY: "ints"}
+    for f in features:
+        cols.setdefault(f.name, "ints" if f.multi else "int")
+    return cols
+
+
+def _kind_ok(kind: str, t: pa.DataType) -> bool:
+    if kind == "ints":
+        return ((pa.types.is_list(t) or pa.types.is_large_list(t))
+                and pa.types.is_integer(t.value_type))
+    if kind == "label":
+        return pa.types.is_integer(t) or pa.types.is_boolean(t) or pa.types.is_floating(t)
+    return pa.types.is_integer(t)
+
+
+def check_schema(schema: pa.Schema, columns: dict[str, str], where: Where) -> None:
+    """Every column of `columns` ({name: kind}) present with its kind of type, or a
+    DatasetError naming the table and the column (missing columns all at once)."""
+    missing = [c for c in columns if schema.get_field_index(c) < 0]
+    if missing:
+        raise DatasetError(f"{_at(where, None)}: missing column(s) {missing}")
+    for name, kind in columns.items():
+        t = schema.field(name).type
+        if not _kind_ok(kind, t):
+            raise DatasetError(f"{_at(where, None)}: column {name!r} is {t}, expected "
+                               f"{_KINDS[kind]}")
+
+
+def check_nulls(table: pa.Table, columns: list[str], where: Where) -> None:
+    """No null value, no null list and no null list element in `columns` (0 is padding,
+    an empty list an empty history: a null is always damage), or a DatasetError naming the
+    row and the column."""
+    for name in columns:
+        col = table.column(name)
+        if col.null_count:
+            row = int(np.flatnonzero(_np(col.is_null()))[0])
+            raise DatasetError(f"{_at(where, row)}: field {name!r} is null")
+        if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)):
+            continue
+        base = 0
+        for chunk in col.chunks:          # the child's null count is cached: cheap when 0
+            if chunk.values.null_count:
+                offsets = chunk.offsets.to_numpy().astype(np.int64)
+                vals = chunk.values.slice(offsets[0], offsets[-1] - offsets[0])
+                nulls = np.flatnonzero(vals.is_null().to_numpy(zero_copy_only=False))
+                if nulls.size:
+                    bad = int(nulls[0])
+                    row = int(np.searchsorted(offsets - offsets[0], bad, "right")) - 1
+                    raise DatasetError(
+                        f"{_at(where, base + row)}: field {name!r} has a null element "
+                        f"(position {bad - int(offsets[row] - offsets[0])})")
+            base += len(chunk)
 
 
 def check_ids(name: str, values: np.ndarray, cardinality: int, where: Where,
@@ -134,16 +203,17 @@ def decode_rows(table: pa.Table, features: list[FeatureSpec], where: Where,
     read neither the history's ids nor its tokens (DeepFM, DCNv2): its lengths and its ids'
     validation stay."""
     n = table.num_rows
-    present = set(table.column_names)
-    missing = [c for c in (USER, ITEM, LABEL, HISTORY, *(f.name for f in features))
-               if c not in present]
-    if missing:
-        raise DatasetError(f"{_at(where, 0)}: missing column(s) {missing}")
+    columns = sample_columns(features)
+    check_schema(table.schema, columns, where)
+    check_nulls(table, list(columns), where)
     labels = _np(table.column(LABEL)).astype(np.float32)
     ok = (labels == 0.0) | (labels == 1.0)      # NaN fails both
     if not ok.all():
         bad = int(np.flatnonzero(~ok)[0])
         raise DatasetError(f"{_at(where, bad)}: label {float(labels[bad])} is not 0 or 1")
+    if pa.types.is_floating(table.schema.field(LABEL).type):   # 0.0/1.0 only, still refused
+        raise DatasetError(f"{_at(where, None)}: column {LABEL!r} is "
+                           f"{table.schema.field(LABEL).type}, expected {_KINDS['label']}")
 
     items = _np(table.column(ITEM))
     scalars = [_np(table.column(USER)), items, labels]

@@ -55,6 +55,7 @@ from data_pipes.schema import (
     feature_specs,
     load_manifest,
 )
+from data_pipes.verify import check_split_files
 
 
 @dataclass(frozen=True)
@@ -245,7 +246,8 @@ class StreamingSplit(IterableDataset):
                  world_size: int, seed: int, shuffle: bool, with_tokens: bool = True,
                  pad_history_to: int | None = None, max_history: int | None = None,
                  drop_last: bool = False, bucket_window: int = 0,
-                 with_history_ids: bool = True, read_ahead: bool = True) -> None:
+                 with_history_ids: bool = True, read_ahead: bool = True,
+                 check_files: bool = True) -> None:
         super().__init__()
         self.read_ahead = read_ahead
         self.bucket_window = bucket_window if shuffle else 0
@@ -257,6 +259,8 @@ class StreamingSplit(IterableDataset):
         self.seed, self.shuffle, self.pad_history_to = seed, shuffle, pad_history_to
         self.with_history_ids = with_history_ids
         manifest = load_manifest(self.dataset_dir)
+        if check_files:   # the shards are the manifest's, byte for byte (data_pipes/verify.py)
+            check_split_files(self.dataset_dir, split, manifest)
         self.features = feature_specs(manifest)
         self.columns = [USER, ITEM, LABEL, HISTORY, *(f.name for f in self.features)]
         self.groups = list_row_groups(self.dataset_dir, split)
@@ -326,8 +330,9 @@ class StreamingSplit(IterableDataset):
         """Validates and decodes the k-th group's table (data_pipes.collate.decode_rows)."""
         g = plan.groups[int(plan.order[k])]
 
-        def where(row: int, g: RowGroup = g) -> str:  # only called to word an error
-            return f"{g.path} (row group {g.index}, row {row})"
+        def where(row: int | None, g: RowGroup = g) -> str:  # only called to word an error
+            return (f"{g.path} (row group {g.index})" if row is None
+                    else f"{g.path} (row group {g.index}, row {row})")
 
         rows = decode_rows(table, self.features, where, self.max_history,
                            None if self.item_tokens is None else self.item_tokens.shape[0],
@@ -408,7 +413,8 @@ def build_loader(dataset_dir: str | Path, split: str, *, batch_size: int, rank: 
                  drop_last: bool = False, pad_history_to: int | None = None,
                  with_tokens: bool = True, max_history: int | None = None,
                  bucket_window: int = 0, with_history_ids: bool = True,
-                 keep_freed_memory: bool = False, read_ahead: bool = True) -> StatefulDataLoader:
+                 keep_freed_memory: bool = False, read_ahead: bool = True,
+                 check_files: bool = True) -> StatefulDataLoader:
     """A StatefulDataLoader over this rank's batches (batches are built in the dataset).
     drop_last=False: every sample exactly once, ⌈⌈N/W⌉/batch⌉ steps per rank, the last batches
     may be short. drop_last=True: ⌊⌊N/W⌋/batch⌋ full batches per rank, the rest is skipped.
@@ -417,13 +423,18 @@ def build_loader(dataset_dir: str | Path, split: str, *, batch_size: int, rank: 
     (genci_dist.model.build.batch_fields). keep_freed_memory: each worker process applies
     data_pipes.memory.keep_freed_memory (the trainer's own process applies it itself).
     read_ahead: each iterator (the main process's, or each worker's) reads its next row group
-    from Parquet on a second thread while it decodes and gathers batches."""
+    from Parquet on a second thread while it decodes and gathers batches.
+    check_files: before anything is read, the split's shards must be exactly the manifest's
+    (names, sizes, sha256; data_pipes.verify.check_split_files, which hashes a file only when
+    its size or mtime changed since it was last found intact); False skips it (tests of the
+    row checks on deliberately edited shards). Rows are always validated as they are decoded
+    (data_pipes.collate.decode_rows: strict types, no nulls, ids in range, labels 0/1)."""
     ds = StreamingSplit(dataset_dir, split, batch_size=batch_size, rank=rank,
                         world_size=world_size, seed=seed, shuffle=shuffle,
                         with_tokens=with_tokens, pad_history_to=pad_history_to,
                         max_history=max_history, drop_last=drop_last,
                         bucket_window=bucket_window, with_history_ids=with_history_ids,
-                        read_ahead=read_ahead)
+                        read_ahead=read_ahead, check_files=check_files)
     # Its own generator: creating an iterator draws a base seed, which must not consume the
     # global torch RNG (dropout masks) or a resumed run would diverge from an uninterrupted one.
     return StatefulDataLoader(ds, batch_size=None, num_workers=num_workers,

@@ -181,7 +181,8 @@ def write_dataset(out_dir: Path, *, dataset: str, protocol: dict[str, Any], samp
         pq.write_table(side_table(user, USER, features, "user"), tmp / USERS)
         files[ITEMS] = {"rows": len(item.raw_ids)}
         files[USERS] = {"rows": len(user.raw_ids)}
-        for rel in files:
+        for rel in files:   # what `genci-prepare verify` and the reader check files against
+            files[rel]["bytes"] = (tmp / rel).stat().st_size
             files[rel]["sha256"] = sha256_file(tmp / rel)
         counts["positive_rate"] = float(samples.label.mean())
         counts["avg_history"] = float(hist_len.mean())
