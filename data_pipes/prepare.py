@@ -7,6 +7,7 @@
     genci-prepare --dataset recbole --atomic-dir DIR --name NAME --label-rule implicit --out data/N
     genci-prepare --dataset amazon --source path/to/Musical_Instruments.jsonl.gz --out data/instr
     genci-prepare --dataset synthetic --scale 1.0 --out data/synth-1
+    genci-prepare verify data/ml-100k     # sizes, sha256, schemas, ids, labels, nulls; exit 2
 
 `--dataset recbole --source DIR` reads MovieLens-shaped atomic files (the ML-100K/ML-1M
 fields and features); `--dataset recbole --atomic-dir DIR` is the generic RecBole source (any
@@ -37,7 +38,9 @@ DATASETS = ("ml-100k", "ml-1m", "ml-dat", "recbole", "amazon", "synthetic")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="genci-prepare", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="genci-prepare", description=__doc__.split("\n")[0],
+                                epilog="genci-prepare verify DATA: checks a prepared dataset "
+                                "against its manifest (see genci-prepare verify --help)")
     p.add_argument("--dataset", required=True, choices=DATASETS)
     p.add_argument("--out", required=True, help="output folder of the prepared dataset")
     p.add_argument("--source", default=None, help="raw files (ml-dat, recbole, amazon)")
@@ -143,7 +146,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["verify"]:      # genci-prepare verify DATA (data_pipes/verify.py)
+        from data_pipes.verify import main as verify_main
+
+        return verify_main(argv[1:])
+    args = _parser().parse_args(argv)
     try:
         rep = run(args)
     except DatasetError as e:
