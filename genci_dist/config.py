@@ -19,6 +19,7 @@ import tomli_w
 from genci_dist.config_loader import (
     ConfigError,
     build_dataclass,
+    check_value,
     merge,
     parse_overrides,
     read_toml,
@@ -29,6 +30,8 @@ from genci_dist.runtime.sharding import ShardingConfig
 from genci_dist.tokenizer.config import TokenizerConfig
 
 __all__ = ["ConfigError", "JobConfig", "load_config", "save_config"]
+
+SPLITS = ("train", "valid", "test")
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,17 @@ class DataConfig:
     """Training length bucketing: sort the samples of every W consecutive batches by history
     length before cutting them into batches (0 = off). Same samples per epoch, less padding."""
     seed: int = 2024
+
+    def __post_init__(self) -> None:
+        if not self.dir:
+            raise ConfigError("data.dir must name a folder, got ''")
+        check_value("data.synthetic_scale", self.synthetic_scale, gt=0)
+        check_value("data.max_history", self.max_history, ge=1)
+        check_value("data.batch_size", self.batch_size, ge=1)
+        check_value("data.eval_batch_size", self.eval_batch_size, ge=1)
+        check_value("data.num_workers", self.num_workers, ge=0)
+        check_value("data.pad_history_to", self.pad_history_to, ge=0)
+        check_value("data.bucket_window", self.bucket_window, ge=0)
 
 
 @dataclass(frozen=True)
@@ -93,6 +107,17 @@ class TrainConfig:
     run_dir: str = "runs/default"
     """Folder for the resolved config, plan, metrics, TensorBoard events, plots, checkpoints."""
 
+    def __post_init__(self) -> None:
+        check_value("train.epochs", self.epochs, ge=1)
+        check_value("train.max_steps", self.max_steps, ge=0)
+        check_value("train.lr", self.lr, gt=0)
+        check_value("train.weight_decay", self.weight_decay, ge=0)
+        check_value("train.warmup_steps", self.warmup_steps, ge=0)
+        check_value("train.patience", self.patience, ge=1)
+        check_value("train.log_every", self.log_every, ge=1)
+        if not self.run_dir:
+            raise ConfigError("train.run_dir must name a folder, got ''")
+
 
 @dataclass(frozen=True)
 class CheckpointConfig:
@@ -104,6 +129,10 @@ class CheckpointConfig:
     resume: Literal["auto", "never"] = "auto"
     """auto: resume from run_dir/checkpoints/latest when it exists."""
 
+    def __post_init__(self) -> None:
+        check_value("checkpoint.every_n_steps", self.every_n_steps, ge=0)
+        check_value("checkpoint.keep_last", self.keep_last, ge=1)
+
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -111,6 +140,12 @@ class EvalConfig:
     write_predictions: bool = False
     base_metrics: str = ""
     """Metrics JSON of a base run (e.g. DeepFM) for RelaImpr; empty = none."""
+
+    def __post_init__(self) -> None:
+        for i, split in enumerate(self.splits):
+            if split not in SPLITS:
+                raise ConfigError(f"eval.splits[{i}] must be one of {', '.join(SPLITS)}, "
+                                  f"got {split!r}")
 
 
 @dataclass(frozen=True)
@@ -133,20 +168,40 @@ class JobConfig:
     def replace(self, **sections: object) -> JobConfig:
         return dataclasses.replace(self, **sections)
 
+    def check_world_size(self, world_size: int) -> None:
+        """The checks that need the world size (run once the process group exists): every
+        rank reads data.batch_size // world_size samples a step."""
+        b = self.data.batch_size
+        if b < world_size or b % world_size:
+            raise ConfigError(f"data.batch_size must be a multiple of the world size "
+                              f"{world_size} (each rank reads batch_size // {world_size}), "
+                              f"got {b}")
+        if self.data.eval_batch_size < world_size:
+            raise ConfigError(f"data.eval_batch_size must be >= the world size {world_size}, "
+                              f"got {self.data.eval_batch_size}")
+
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> JobConfig:
-    """Defaults ← TOML file (with `extends`) ← CLI overrides, all type-checked."""
+    """Defaults ← TOML file (with `extends`) ← CLI overrides, all type- and range-checked:
+    a `ConfigError` names the file or the flag and the dotted key."""
     data = read_toml(path) if path is not None else {}
     cli = parse_overrides(list(overrides))
-    try:  # check the overrides alone first so an error names the flag, not the file
+    cli_error = None
+    try:  # the overrides alone first, so that an error of theirs names the flag, not the file
         build_dataclass(JobConfig, cli)
     except ConfigError as e:
-        raise ConfigError(f"command line: --{e}") from None
-    merged = merge(data, cli)
+        cli_error = e
     where = str(path) if path is not None else "config"
+    # An error of the overrides alone that the merged config does not have came from a
+    # cross-field check against a default the file changes (--model.attn_heads 3 where the
+    # file sets d_model = 48): not an error.
     try:
-        return build_dataclass(JobConfig, merged)
+        return build_dataclass(JobConfig, merge(data, cli))
     except ConfigError as e:
+        if cli_error is not None and str(cli_error) == str(e):
+            raise ConfigError(f"command line: --{cli_error}") from None
+        if cli_error is not None:  # a cross-field check: the file's values and the flags'
+            raise ConfigError(f"{where} with the command line's overrides: {e}") from None
         raise ConfigError(f"{where}: {e}") from None
 
 

@@ -3,13 +3,16 @@
 Precedence is CLI > TOML > dataclass defaults (torchtitan's JobConfig order). Every key is
 checked against the dataclass it lands in: an unknown key or a value of the wrong type is a
 `ConfigError` that names the file (or the CLI flag) and the dotted key, never a silent None.
-Nothing is `eval`'d: values are parsed as TOML literals.
+Nothing is `eval`'d: values are parsed as TOML literals. Value ranges are checked by each
+dataclass's `__post_init__` with `check_value` ("train.lr must be > 0, got -0.1"), so a config
+object that exists is a valid one, however it was built.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import types
 import typing
@@ -107,9 +110,37 @@ def build_dataclass(cls: type[T], data: Mapping[str, Any], where: str = "") -> T
         kwargs[key] = _convert(value, hints[key], dotted)
     try:
         obj = cls(**kwargs)
+    except ConfigError:
+        raise  # a range check (`check_value`): its message names the dotted key already
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where or cls.__name__}: {e}") from e
     return obj
+
+
+def _bound_text(ge: float | None, gt: float | None, le: float | None, lt: float | None) -> str:
+    parts = [f"{op} {b:g}" for op, b in ((">=", ge), (">", gt), ("<=", le), ("<", lt))
+             if b is not None]
+    return " and ".join(parts)
+
+
+def check_value(key: str, value: float, *, ge: float | None = None, gt: float | None = None,
+                le: float | None = None, lt: float | None = None) -> None:
+    """A range check run when a config dataclass is built (its `__post_init__`): raises
+    `ConfigError("train.lr must be > 0, got -0.1")`. Floats must also be finite."""
+    bad = isinstance(value, float) and not math.isfinite(value)
+    bad = bad or (ge is not None and not value >= ge) or (gt is not None and not value > gt)
+    bad = bad or (le is not None and not value <= le) or (lt is not None and not value < lt)
+    if bad:
+        rule = _bound_text(ge, gt, le, lt)
+        if isinstance(value, float) and not math.isfinite(value):
+            rule = f"finite and {rule}" if rule else "finite"
+        raise ConfigError(f"{key} must be {rule}, got {value!r}")
+
+
+def check_each(key: str, values: Sequence[float], **bounds: float) -> None:
+    """`check_value` on every element of a list setting: "model.mlp[1] must be >= 1, got 0"."""
+    for i, v in enumerate(values):
+        check_value(f"{key}[{i}]", v, **bounds)
 
 
 def _parse_cli_value(text: str) -> Any:

@@ -5,14 +5,15 @@ builds the plain unsharded model and no process group (DCP's no-dist load); unde
 builds a DMP with the *current* sharding config (`--sharding.default_type row_wise`, ...) and
 DCP reshards. Writes metrics JSON (AUC, LogLoss, GAUC, RelaImpr against `--base`) and, with
 `--predictions`, a Parquet file of per-sample predictions.
+
+A missing or foreign checkpoint, a bad override or bad data stops it with one line on stderr
+(`genci-evaluate: error: ...`) and exit code 2; `--debug` or GENCI_DEBUG=1 adds the traceback.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,30 +26,49 @@ from genci_dist.runtime.metrics import rela_impr
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Errors of the config, the data or the checkpoint end as one line on stderr and exit
+    code 2 (`--debug` or GENCI_DEBUG=1: with the traceback; see genci_dist/errors.py)."""
+    from genci_dist.errors import run_cli
+
+    return run_cli("genci-evaluate", _evaluate, argv)
+
+
+def _evaluate(argv: list[str]) -> int:
+    from genci_dist.errors import ArgumentParser, add_debug_flag
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    p = argparse.ArgumentParser(prog="genci-evaluate", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="genci-evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder (or its run folder)")
     p.add_argument("--split", default="test", choices=["train", "valid", "test"])
     p.add_argument("--out", default=None, help="metrics JSON (default: <ckpt>/eval_<split>.json)")
     p.add_argument("--predictions", default=None, help="write per-sample predictions (Parquet)")
     p.add_argument("--base", default=None, help="metrics JSON of a base run for RelaImpr")
     p.add_argument("--batch-size", type=int, default=0)
-    args, overrides = p.parse_known_args(sys.argv[1:] if argv is None else argv)
+    add_debug_flag(p)
+    args, overrides = p.parse_known_args(argv)
 
     from data_pipes.schema import feature_specs, load_manifest
     from data_pipes.stream import build_loader
     from genci_dist.config import ConfigError
+    from genci_dist.errors import one_line
     from genci_dist.model.build import batch_fields, build_task, load_generation_assets
     from genci_dist.runtime.checkpoint import load_checkpoint_config, load_model_only
 
     ckpt = Path(args.checkpoint)
+    if not ckpt.exists():
+        raise ConfigError(f"--checkpoint {ckpt}: no such file or folder")
     try:
         cfg = load_checkpoint_config(ckpt, overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    except FileNotFoundError as e:  # a folder with no checkpoint in it
+        raise ConfigError(f"--checkpoint {one_line(e)}") from e
+    if args.batch_size < 0:
+        raise ConfigError(f"--batch-size must be >= 0, got {args.batch_size}")
     env = DistEnv.init(cfg.train.device, keep_freed=cfg.train.keep_freed_memory)
     try:
+        size = args.batch_size or cfg.data.eval_batch_size
+        if size < env.world_size:
+            raise ConfigError(f"--batch-size (else data.eval_batch_size) must be >= the world "
+                              f"size {env.world_size}, got {size}")
         dataset_dir = Path(cfg.data.dir)
         manifest = load_manifest(dataset_dir)
         assets = load_generation_assets(dataset_dir, manifest, cfg.model)

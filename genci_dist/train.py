@@ -3,6 +3,13 @@ under torchrun (`torchrun --standalone --nproc_per_node=2 -m genci_dist.train ..
 (`torchx run dist.ddp -j 1x2 --script genci_dist/train.py -- --config ...`).
 
 A thin main(): parse the config, own the process group, hand everything to `Trainer`.
+
+A bad config value, dataset or checkpoint stops it with one line on stderr and exit code 2,
+
+    genci-train: error: command line: --train.lr must be > 0, got -0.1
+
+(under torchrun: `genci-train: error: rank 1: ...`, last in the ranks' output and in
+torchrun's "Root Cause"); add `--debug` or set GENCI_DEBUG=1 for the traceback.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ def parse_args(argv: Sequence[str]) -> tuple[str | None, list[str]]:
     args = _strip_self(list(argv))
     if args and args[0] in ("-h", "--help"):
         print(__doc__)
-        print("usage: train [--config FILE.toml] [--section.key VALUE ...]")
+        print("usage: train [--config FILE.toml] [--section.key VALUE ...] [--debug]")
         raise SystemExit(0)
     config = None
     rest: list[str] = []
@@ -36,7 +43,8 @@ def parse_args(argv: Sequence[str]) -> tuple[str | None, list[str]]:
     while i < len(args):
         if args[i] == "--config":
             if i + 1 >= len(args):
-                raise SystemExit("--config needs a file")
+                print("genci-train: error: --config needs a file", file=sys.stderr)
+                raise SystemExit(2)
             config = args[i + 1]
             i += 2
         elif args[i].startswith("--config="):
@@ -48,25 +56,31 @@ def parse_args(argv: Sequence[str]) -> tuple[str | None, list[str]]:
     return config, rest
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _train(args: list[str]) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from genci_dist.config import ConfigError, load_config
+    from genci_dist.config import load_config
+
+    config_path, overrides = parse_args(args)
+    cfg = load_config(config_path, overrides)
     from genci_dist.runtime.distributed import DistEnv
     from genci_dist.runtime.trainer import Trainer
 
-    config_path, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = load_config(config_path, overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
     env = DistEnv.init(cfg.train.device, require_pg=True, keep_freed=cfg.train.keep_freed_memory)
     try:
+        cfg.check_world_size(env.world_size)
         Trainer(cfg, env).fit()
     finally:
         env.destroy()
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Errors of the config, the data or a checkpoint end as one line on stderr and exit
+    code 2 (`--debug` or GENCI_DEBUG=1: with the traceback; see genci_dist/errors.py)."""
+    from genci_dist.errors import run_cli
+
+    return run_cli("genci-train", _train, argv)
 
 
 if __name__ == "__main__":

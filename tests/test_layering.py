@@ -4,6 +4,7 @@ Layers, lowest first (a module imports only its own layer or lower ones):
 
     data_pipes                      raw files -> Parquet -> Batch; never imports genci_dist
     genci_dist.config_loader        TOML -> typed dataclasses, no project imports
+    genci_dist.errors               one-line errors of every CLI (by class name, no imports)
     genci_dist.tokenizer            embeddings -> RQ-VAE -> semantic ids, cohorts, trie
     genci_dist.model                modules built from plain config objects
     genci_dist.runtime, .config     process group, sharding, checkpoints, loops; the job config
@@ -25,7 +26,7 @@ PACKAGES = ("genci_dist", "data_pipes")
 
 LAYERS: list[tuple[str, ...]] = [
     ("data_pipes",),
-    ("genci_dist.config_loader",),
+    ("genci_dist.config_loader", "genci_dist.errors"),
     ("genci_dist.tokenizer",),
     ("genci_dist.model",),
     ("genci_dist.runtime", "genci_dist.config"),

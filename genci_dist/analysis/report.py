@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -168,37 +167,35 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from data_pipes.schema import DatasetError
-    from genci_dist.analysis.calibration import calibration_comparison, write_calibration
-    from genci_dist.analysis.volatility import (
-        AnalysisError,
-        volatility_comparison,
-        write_volatility,
-    )
-    from genci_dist.config import ConfigError
+    """`genci-report`. A bad run folder, prediction file or dataset ends as one line on stderr
+    and exit code 2 (`--debug` or GENCI_DEBUG=1: with the traceback; genci_dist/errors.py)."""
+    from genci_dist.errors import run_cli
 
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    return run_cli("genci-report", _report, argv)
+
+
+def _report(argv: list[str]) -> int:
+    from genci_dist.analysis.calibration import calibration_comparison, write_calibration
+    from genci_dist.analysis.volatility import volatility_comparison, write_volatility
+
+    args = _parser().parse_args(argv)
     if args.command == "compare":
         print(compare_table(args.runs, split=args.split, base=args.base))
         return 0
-    try:
-        if args.command == "calibration":
-            written = write_calibration(calibration_comparison(
-                _named_files(args.valid, "--valid"), _named_files(args.test, "--test")),
-                args.out)
-            print(Path(written[1]).read_text(), end="")
-        elif args.command == "figures":
-            written = figures(args.run, args.checkpoint, args.data,
-                              _named_files(args.predictions), args.tsne_samples,
-                              args.tsne_labels, args.seed)
-        else:
-            result = volatility_comparison(args.data, _named_files(args.predictions),
-                                           args.feature, args.base)
-            written = write_volatility(result, args.out)
-            print(Path(written[1]).read_text(), end="")
-    except (AnalysisError, DatasetError, ConfigError) as e:  # messages name the file
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.command == "calibration":
+        written = write_calibration(calibration_comparison(
+            _named_files(args.valid, "--valid"), _named_files(args.test, "--test")),
+            args.out)
+        print(Path(written[1]).read_text(), end="")
+    elif args.command == "figures":
+        written = figures(args.run, args.checkpoint, args.data,
+                          _named_files(args.predictions), args.tsne_samples,
+                          args.tsne_labels, args.seed)
+    else:
+        result = volatility_comparison(args.data, _named_files(args.predictions),
+                                       args.feature, args.base)
+        written = write_volatility(result, args.out)
+        print(Path(written[1]).read_text(), end="")
     for path in written:
         print(f"wrote {path}")
     return 0

@@ -361,19 +361,38 @@ def _emit(line: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """A bad config or override ends as one line on stderr and exit code 2 before any run
+    starts (`--debug` or GENCI_DEBUG=1: with the traceback; see genci_dist/errors.py)."""
+    from genci_dist.errors import run_cli
+
+    return run_cli("genci-bench", _bench, argv)
+
+
+def _bench(argv: list[str]) -> int:
+    from types import SimpleNamespace
+
+    from genci_dist.config_loader import ConfigError
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    args, common = build_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
+    args, common = build_parser().parse_known_args(argv)
     benches = _csv(args.only)
     models = _csv(args.models)
     bad = [b for b in benches if b not in BENCHES] + [m for m in models if m not in MODELS]
     if bad:
-        print(f"genci-bench: unknown bench or model {bad}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--only / --models: unknown bench or model {bad} (benches: "
+                          f"{', '.join(BENCHES)}; models: {', '.join(MODELS)})")
     sizes = [] if args.batch_size <= 0 else ["--data.batch_size", str(args.batch_size)]
     if args.eval_batch_size > 0:
         sizes += ["--data.eval_batch_size", str(args.eval_batch_size)]
     variants = args.variant or [("default", [])]
+    for config in _csv(args.configs):  # every run's config is valid before any run starts
+        for model in models:
+            for world in (int(w) for w in _csv(args.world_sizes)):
+                for _name, overrides in variants:  # (the three fields load_spec_config reads)
+                    spec = SimpleNamespace(config=config, model=model,
+                                           overrides=[*common, *sizes, *overrides])
+                    load_spec_config(spec, "runs/bench-check").check_world_size(world)
     failed = 0
     for config in _csv(args.configs):
         for model in models:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
+from genci_dist.config_loader import ConfigError, check_each, check_value
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -88,12 +90,25 @@ class ModelConfig:
     din_attention_mlp: tuple[int, ...] = (64, 32)
 
     def __post_init__(self) -> None:
+        """Ranges and combinations, as `ConfigError`s naming the key (a ValueError)."""
+        for key in ("embedding_dim", "d_model", "d_ff", "num_encoder_layers",
+                    "num_decoder_layers", "num_heads", "d_kv", "beam_width", "cohort_member_cap",
+                    "attn_heads"):
+            check_value(f"model.{key}", getattr(self, key), ge=1)
+        for key in ("attention_block", "generator_chunk", "dcn_cross_layers"):
+            check_value(f"model.{key}", getattr(self, key), ge=0)
+        for key in ("dropout", "t5_dropout", "attn_dropout", "deepfm_dropout"):
+            check_value(f"model.{key}", getattr(self, key), ge=0, lt=1)
+        for key in ("mu", "eta"):
+            check_value(f"model.{key}", getattr(self, key), ge=0)
+        for key in ("mlp", "deepfm_mlp", "din_attention_mlp"):
+            check_each(f"model.{key}", getattr(self, key), ge=1)
         if self.d_model % self.attn_heads:
-            raise ValueError("model.d_model must be divisible by model.attn_heads")
+            raise ConfigError(f"model.d_model ({self.d_model}) must be divisible by "
+                              f"model.attn_heads ({self.attn_heads})")
         if self.reuse_cross_kv and self.absorb_cross_attention:
-            raise ValueError("model.reuse_cross_kv needs model.absorb_cross_attention = false "
-                             "(absorbed cross-attention computes no keys/values to reuse)")
-        if self.beam_width < 1:
-            raise ValueError("model.beam_width must be >= 1")
+            raise ConfigError("model.reuse_cross_kv needs model.absorb_cross_attention = false "
+                              "(absorbed cross-attention computes no keys/values to reuse)")
         if self.name == "genci" and not (self.use_st_intent or self.use_lt_intent):
-            raise ValueError("model: use_st_intent and use_lt_intent cannot both be false")
+            raise ConfigError("model.use_st_intent and model.use_lt_intent cannot both be "
+                              "false")

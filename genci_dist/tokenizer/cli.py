@@ -9,7 +9,6 @@ overrides win over the file.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -31,7 +30,6 @@ from genci_dist.config_loader import (
     read_toml,
 )
 from genci_dist.tokenizer.config import TokenizerConfig
-from genci_dist.tokenizer.embed import EmbeddingError
 
 
 def load_tokenizer_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TokenizerConfig:
@@ -145,19 +143,26 @@ def tokenize_dataset(dataset_dir: str | Path, cfg: TokenizerConfig,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="genci-tokenize", description=__doc__.split("\n\n")[1],
-                                     epilog="Overrides: --tokenizer.KEY VALUE (TOML literals).")
+    """A bad config, dataset or embedding model ends as one line on stderr and exit code 2
+    (`--debug` or GENCI_DEBUG=1: with the traceback; see genci_dist/errors.py)."""
+    from genci_dist.errors import run_cli
+
+    return run_cli("genci-tokenize", _tokenize, argv)
+
+
+def _tokenize(argv: list[str]) -> int:
+    from genci_dist.errors import ArgumentParser, add_debug_flag
+
+    parser = ArgumentParser(prog="genci-tokenize", description=__doc__.split("\n\n")[1],
+                            epilog="Overrides: --tokenizer.KEY VALUE (TOML literals).")
     parser.add_argument("--data", required=True, help="prepared dataset folder (manifest.json)")
     parser.add_argument("--config", default=None, help="TOML file with a [tokenizer] table")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    args, rest = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        cfg = load_tokenizer_config(args.config, rest)
-        progress = cfg.progress_bar and not args.no_progress
-        report = tokenize_dataset(args.data, cfg, progress=progress)
-    except (ConfigError, DatasetError, EmbeddingError) as e:
-        print(f"genci-tokenize: error: {e}", file=sys.stderr)
-        return 2
+    add_debug_flag(parser)
+    args, rest = parser.parse_known_args(argv)
+    cfg = load_tokenizer_config(args.config, rest)
+    progress = cfg.progress_bar and not args.no_progress and sys.stderr.isatty()
+    report = tokenize_dataset(args.data, cfg, progress=progress)
     print(json.dumps(report, indent=1))
     return 0
 

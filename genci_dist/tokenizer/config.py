@@ -7,8 +7,11 @@ quality targets of SPEC §3 on CPU in well under two minutes.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
+
+from genci_dist.config_loader import ConfigError
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 
@@ -73,7 +76,8 @@ class TokenizerConfig:
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.embed_batch_size >= 1, "embed_batch_size must be >= 1"),
-            (self.lr > 0, "lr must be > 0"),
+            (math.isfinite(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr!r}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}"),
             (self.beta >= 0, "beta must be >= 0"),
             (0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)"),
             (self.dead_code_threshold >= 0, "dead_code_threshold must be >= 0"),
@@ -85,4 +89,4 @@ class TokenizerConfig:
         ]
         for ok, msg in checks:
             if not ok:
-                raise ValueError(f"tokenizer: {msg}")
+                raise ConfigError(f"tokenizer: {msg}")

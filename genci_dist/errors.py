@@ -1,0 +1,180 @@
+"""How every command-line tool reports the project's own errors: one line, exit code 2.
+
+`run_cli("genci-train", body, argv)` runs a tool's body; a user error (bad config, bad data,
+bad checkpoint: `USER_ERRORS` below, found by class name so this module imports none of
+them) becomes one line on stderr,
+
+    genci-train: error: command line: --train.lr must be > 0, got -0.1
+
+and exit code 2. `--debug` anywhere on the command line (removed before the tool parses its
+arguments) or `GENCI_DEBUG=1` prints the traceback first. Any other exception is a bug and
+keeps its traceback (exit code 1).
+
+Under torchrun (WORLD_SIZE > 1) one rank's error breaks the others' collectives, and they
+would die with long gloo tracebacks printed after the one line that matters; torchrun then
+prints its ChildFailedError summary, whose "Root Cause" is the failure with the earliest
+error-file timestamp. So the failing rank
+
+1. prints `genci-train: error: rank R: <message>` on stderr;
+2. writes torchrun's error file (TORCHELASTIC_ERROR_FILE, the format of torch's `@record`)
+   with that line as its traceback and a timestamp one second early: timestamps are whole
+   seconds and a tie goes to the lowest rank, which may be a peer dying in the same second;
+3. publishes the line in the job's TCPStore (MASTER_ADDR:MASTER_PORT, which torchrun runs
+   in its own process).
+
+A rank whose collective then breaks (any exception that is not a user error) looks for that
+line in the store for a few seconds; found, it prints the same line instead of its traceback
+and records "stopped after rank R's error" in its error file. The user therefore sees the
+root cause's line as the last line of the ranks' output and again at the end of torchrun's
+summary (`traceback : genci-train: error: rank 1: ...`). A rank torchrun stops with SIGTERM
+prints nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any, NoReturn
+
+USER_ERRORS = frozenset({"ConfigError", "DatasetError", "SemanticIdError", "EmbeddingError",
+                         "AnalysisError", "CheckpointError"})
+"""Class names of the project's user-facing errors (config_loader, data_pipes.schema,
+tokenizer, analysis.volatility, runtime.checkpoint); subclasses count too."""
+_PACKAGES = ("genci_dist", "data_pipes")
+DEBUG_ENV = "GENCI_DEBUG"
+PEER_KEY = "genci/user_error"
+PEER_WAIT_S = 5.0
+"""How long a rank whose collective broke waits for a peer's published error line."""
+
+
+def is_user_error(exc: BaseException) -> bool:
+    return any(c.__name__ in USER_ERRORS and c.__module__.split(".")[0] in _PACKAGES
+               for c in type(exc).__mro__)
+
+
+def one_line(exc: BaseException) -> str:
+    """The exception's message on one line (inner line breaks become "; ")."""
+    parts = [p.strip() for p in str(exc).splitlines() if p.strip()]
+    return "; ".join(parts) or type(exc).__name__
+
+
+def _world() -> tuple[int, int]:
+    env = os.environ
+    try:
+        return int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 0, 1
+
+
+def error_line(prog: str, exc: BaseException) -> str:
+    rank, world = _world()
+    where = f"rank {rank}: " if world > 1 else ""
+    return f"{prog}: error: {where}{one_line(exc)}"
+
+
+def debug_requested(args: Sequence[str]) -> tuple[bool, list[str]]:
+    """(traceback wanted, args without --debug)."""
+    rest = [a for a in args if a != "--debug"]
+    env = os.environ.get(DEBUG_ENV, "").strip().lower()
+    return len(rest) < len(args) or env not in ("", "0", "false", "no"), rest
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line too (`prog: error: ...`, exit 2), pointing
+    at --help instead of printing the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    """Documents --debug in --help (`run_cli` removes it before the parser runs)."""
+    parser.add_argument("--debug", action="store_true",
+                        help=f"print the traceback of an error (or set {DEBUG_ENV}=1)")
+
+
+# ---- torchrun: the error file and the peers ----------------------------------------------
+def _write_error_file(line: str, callstack: str, timestamp: int) -> None:
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    data = {"message": {"message": line, "extraInfo": {"py_callstack": callstack,
+                                                       "timestamp": str(timestamp)}}}
+    try:
+        with open(path, "w") as f:
+            json.dump(data, f)
+    except OSError:
+        pass
+
+
+def _store(timeout_s: float) -> Any | None:
+    """A client of the job's TCPStore under torchrun (WORLD_SIZE > 1), else None."""
+    _rank, world = _world()
+    host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if world <= 1 or not host or not port:
+        return None
+    try:
+        import torch.distributed as dist
+
+        return dist.TCPStore(host, int(port), is_master=False,
+                             timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+    except Exception:  # the store is gone: nobody left to tell or to ask
+        return None
+
+
+def _publish(line: str) -> None:
+    store = _store(2.0)
+    if store is not None:
+        try:
+            store.set(PEER_KEY, line)
+        except Exception:
+            pass
+
+
+def _peer_line(wait_s: float = PEER_WAIT_S) -> str | None:
+    store = _store(wait_s)
+    if store is None:
+        return None
+    try:
+        store.wait([PEER_KEY], timedelta(seconds=wait_s))
+        return store.get(PEER_KEY).decode()
+    except Exception:
+        return None
+
+
+def report_user_error(prog: str, exc: BaseException, debug: bool) -> int:
+    line = error_line(prog, exc)
+    tb = traceback.format_exc() if debug else ""
+    print(f"{tb}{line}", file=sys.stderr, flush=True)
+    _write_error_file(line, f"{tb}{line}", int(time.time()) - 1)
+    _publish(line)
+    return 2
+
+
+def run_cli(prog: str, body: Callable[[list[str]], int], argv: Sequence[str] | None) -> int:
+    """Runs `body(args)` (args = argv or sys.argv[1:], without --debug) as described above."""
+    debug, args = debug_requested(list(sys.argv[1:] if argv is None else argv))
+    try:
+        return body(args)
+    except Exception as e:
+        if is_user_error(e):
+            return report_user_error(prog, e, debug)
+        rank, world = _world()
+        peer = _peer_line() if world > 1 else None
+        if peer is None:
+            tb = traceback.format_exc()
+            _write_error_file(f"{type(e).__name__}: {e}", tb, int(time.time()))
+            raise
+        if debug:
+            traceback.print_exc()
+        print(peer, file=sys.stderr, flush=True)
+        _write_error_file(f"rank {rank} stopped after another rank's error",
+                          f"rank {rank} stopped after another rank's error: {peer}",
+                          int(time.time()))
+        return 1
