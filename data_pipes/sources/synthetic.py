@@ -1,20 +1,45 @@
-"""Synthetic Instrument-shaped data (SPEC §1.4) that streams to shards with bounded memory.
+"""Synthetic Instrument-shaped data (SPEC §1.4), generated in time and memory linear in the
+number of interactions, written in seeded chunks to fixed-size row groups and shards.
 
-Scale factor s = 1 ≈ Amazon-Instrument (57,440 users, 24,588 items, ≈0.5M interactions,
-≈9 interactions per user: the paper's "avg history" is interactions / users). Items belong
-to topics and have power-law popularity; every user walks between topics (interest drift),
-mostly picking items of the current topic and clicking them,
-sometimes exploring popular off-topic items and mostly not clicking those — so the recent
-click history predicts the label, which is what the sequence models must learn. Users are
-generated, turned into samples (the same protocol as real data) and written chunk by chunk,
-so memory is bounded by one chunk whatever s is. Never used for quality claims.
+Scale factor s = 1 ≈ Amazon-Instrument (57,440 users, 24,588 items); s = 200 ≈ 11.5M users,
+4.9M items, 10^8 interactions. Never used for quality claims. The model, per user:
+
+- ``5 + Geometric(1/4.2)`` interactions (mean 9.2; the label rule then drops a third of the
+  negatives, leaving 9.2 · (1 - 0.33/3) ≈ 8.19 samples per user).
+- Items belong to one of 40 topics (uniform). Inside a topic the items have a random
+  popularity rank r = 1, 2, ... and weight r^-POP_EXPONENT, so every topic's rank-frequency
+  curve is the same power law (slope -1.3 on log-log axes) whatever the scale.
+- The user walks between topics (interest drift): before each interaction, with probability
+  0.25 the topic moves by a uniform step in {-2..2} (mod 40). With probability 0.3 the user
+  explores: the item comes from a uniformly drawn topic instead. The item is drawn from the
+  chosen topic by popularity.
+- Click model: on-topic items are clicked (rating 4-5) with probability 0.85, explored ones
+  with 0.25; unclicked ones get rating 1-3. So the recent click history predicts the label,
+  which is what the sequence models must learn.
+
+Analytic values the tests check: positive rate 0.67 before / 0.7528 after the label rule;
+P(two consecutive items share a topic) = 0.49 · 0.8 + 0.51 / 40 = 0.40475.
+
+Every draw is vectorised: the topic walk is a cumulative sum per user, and items are drawn by
+inverse CDF, one ``searchsorted`` per chunk over the catalogue's per-topic cumulative
+popularity (topic c's segment rises from c to c + 1). Users are generated, turned into samples
+(the same protocol as real data) and converted to Arrow in chunks of CHUNK_USERS; chunk k's
+output depends only on (seed, k), so ``--workers N`` generates chunks in N processes while the
+parent writes them in order: the files are byte-identical for any N. Row groups hold exactly
+``--row-group-size`` rows and shards exactly ``--shard-rows`` (rounded down to whole row
+groups), except the last of each split. The train split is shuffled within each chunk (the
+reader shuffles row groups). Memory: the catalogue (≈ 40 bytes per item) plus a few chunks.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,76 +50,266 @@ from tqdm import tqdm
 
 from data_pipes.protocol import Interactions, apply_label_rule, build_samples
 from data_pipes.schema import (
+    ITEM,
     ITEMS,
     MANIFEST,
+    RAW_ID,
     SCHEMA_VERSION,
     SPLITS,
+    TEXT,
+    USER,
     USERS,
     DatasetError,
+    FeatureSpec,
     manifest_summary,
 )
-from data_pipes.writer import (
-    SideTable,
-    feature_list,
-    sample_table,
-    sha256_file,
-    side_table,
-    staging,
-)
+from data_pipes.writer import SideTable, sample_table, sha256_file, staging
 
 BASE_USERS, BASE_ITEMS = 57_440, 24_588
 N_TOPICS, CATS_PER_TOPIC, STORES_PER_TOPIC = 40, 3, 4
+POP_EXPONENT = 1.3          # weight of the item of popularity rank r in its topic: r^-1.3
+MIN_LENGTH, EXTRA_LENGTH_MEAN = 5, 4.2   # interactions per user: 5 + Geometric(1 / 4.2)
+P_DRIFT, P_EXPLORE = 0.25, 0.3
+P_CLICK_ON_TOPIC, P_CLICK_EXPLORE = 0.85, 0.25
 WORDS = ("guitar drum piano violin cello flute bass amp pedal string pick strap tuner mic "
          "cable stand case capo reed mallet").split()
-CHUNK_USERS = 20_000  # users generated and written per step: bounds memory whatever s is
 ADJ = "classic vintage compact pro studio travel electric acoustic deluxe mini".split()
+CHUNK_USERS = 20_000  # users generated and written per step: bounds memory whatever s is
+SIDE_ROWS = 1 << 20   # items/users table rows built and written per step
+T0 = 1_600_000_000
 
 
-def make_items(n_items: int, rng: np.random.Generator
-               ) -> tuple[SideTable, list[np.ndarray], np.ndarray]:
-    """Items with topics → (item table, item ids of each topic, popularity weight per item)."""
-    topic = rng.integers(0, N_TOPICS, n_items)
-    pop = rng.zipf(1.3, n_items).astype(np.float64)
-    by_topic = [np.flatnonzero(topic == t) + 1 for t in range(N_TOPICS)]
+@dataclass
+class Catalogue:
+    """Items and the inverse-CDF table. Item id k (1-based) is at index k-1 of the per-item
+    arrays; `order` lists item ids by (topic, popularity rank) and `cdf[j]` is the cumulative
+    popularity of order[j] inside its topic c, shifted by c (c < cdf[j] ≤ c + 1)."""
+
+    topic: np.ndarray      # int16 [n_items]
+    adjective: np.ndarray  # int8 [n_items], index into ADJ (item text)
+    store: np.ndarray      # int32 [n_items + 1], row 0 = padding
+    categories: pa.ListArray  # list<int32> [n_items + 1], row 0 empty
+    order: np.ndarray      # int32 [n_items] item ids
+    cdf: np.ndarray        # float64 [n_items]
+    sizes: np.ndarray      # int64 [N_TOPICS] items per topic
+    ends: np.ndarray       # int64 [N_TOPICS] end of each topic's segment in `order`
+
+    @property
+    def n_items(self) -> int:
+        return int(self.topic.shape[0])
+
+
+def make_catalogue(n_items: int, seed: int) -> Catalogue:
+    """Items with topics, stores, 1-2 categories of their topic and a popularity rank."""
+    rng = np.random.default_rng([seed, 0])
+    topic = rng.integers(0, N_TOPICS, n_items).astype(np.int16)
+    order = np.lexsort((rng.random(n_items), topic))          # rank order inside each topic
+    sizes = np.bincount(topic, minlength=N_TOPICS).astype(np.int64)
+    ends = np.cumsum(sizes)
+    rank = np.arange(n_items) - np.repeat(ends - sizes, sizes)  # 0-based rank, in `order`
+    harmonic = np.cumsum(np.arange(1, int(sizes.max(initial=1)) + 1,
+                                   dtype=np.float64) ** -POP_EXPONENT)
+    seg = np.repeat(np.arange(N_TOPICS), sizes)
+    cdf = seg + harmonic[rank] / harmonic[np.repeat(sizes - 1, sizes)]  # segment ends at c + 1
+    store = np.r_[0, topic.astype(np.int32) * STORES_PER_TOPIC
+                  + rng.integers(0, STORES_PER_TOPIC, n_items) + 1].astype(np.int32)
     n_cat = rng.integers(1, 3, n_items)
-    cat = [topic[i] * CATS_PER_TOPIC + rng.choice(CATS_PER_TOPIC, n_cat[i], replace=False) + 1
-           for i in range(n_items)]
-    offsets = np.r_[0, 0, np.cumsum(n_cat)]
-    cats = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)),
-                                    pa.array(np.concatenate(cat).astype(np.int32)))
-    store = np.r_[0, topic * STORES_PER_TOPIC + rng.integers(0, STORES_PER_TOPIC, n_items) + 1]
-    text = [f"{ADJ[rng.integers(len(ADJ))]} {WORDS[t % len(WORDS)]} model {i + 1}; "
-            f"topic{t} " + " ".join(f"cat{c}" for c in cat[i]) for i, t in enumerate(topic)]
-    items = SideTable(np.array([f"S{i:07d}" for i in range(1, n_items + 1)], dtype=object),
-                      {"store": store.astype(np.int32)}, {"categories": cats}, text)
-    return items, by_topic, pop
+    first = rng.integers(0, CATS_PER_TOPIC, n_items)
+    second = (first + rng.integers(1, CATS_PER_TOPIC, n_items)) % CATS_PER_TOPIC
+    base = topic.astype(np.int32) * CATS_PER_TOPIC + 1
+    pairs = np.stack([base + first, base + second], axis=1)          # [n_items, 2]
+    values = pairs[np.arange(2)[None, :] < n_cat[:, None]]            # row-major: item order
+    offsets = np.r_[0, 0, np.cumsum(n_cat)].astype(np.int32)
+    categories = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(np.int32)))
+    adjective = rng.integers(0, len(ADJ), n_items).astype(np.int8)
+    return Catalogue(topic, adjective, store, categories, (order + 1).astype(np.int32), cdf,
+                     sizes, ends)
 
 
-def make_users(first: int, count: int, topic_items: list[np.ndarray], pop: np.ndarray,
-               rng: np.random.Generator) -> Interactions:
-    """Interactions of users first..first+count-1: drifting topic walks."""
-    lengths = 5 + rng.geometric(1 / 4.2, count)               # mean ≈ 9 interactions
+def draw_items(cat: Catalogue, topic: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Item ids drawn by popularity from topics `topic` given uniforms `u` in [0, 1). An empty
+    topic (tiny scales only) gives item 1."""
+    j = np.searchsorted(cat.cdf, topic + u, side="right")
+    j = np.minimum(j, cat.ends[topic] - 1)       # c + u may round up to c + 1
+    return np.where(cat.sizes[topic] > 0, cat.order[np.maximum(j, 0)], 1).astype(np.int32)
+
+
+def make_users(first: int, count: int, cat: Catalogue, rng: np.random.Generator
+               ) -> Interactions:
+    """Interactions of users first..first+count-1: drifting topic walks (module docstring)."""
+    lengths = MIN_LENGTH + rng.geometric(1 / EXTRA_LENGTH_MEAN, count)
     n = int(lengths.sum())
-    user = np.repeat(np.arange(first, first + count), lengths).astype(np.int32)
-    item = np.empty(n, dtype=np.int32)
-    positive = np.empty(n, dtype=bool)
-    k = 0
-    for length in lengths:
-        t = rng.integers(N_TOPICS)
-        for _ in range(length):
-            if rng.random() < 0.25:                            # interest drift
-                t = (t + rng.integers(-2, 3)) % N_TOPICS
-            explore = rng.random() < 0.3
-            cands = topic_items[rng.integers(N_TOPICS)] if explore else topic_items[t]
-            if cands.size == 0:
-                cands = topic_items[t] if topic_items[t].size else np.array([1])
-            w = pop[cands - 1]
-            item[k] = cands[rng.choice(cands.size, p=w / w.sum())]
-            positive[k] = rng.random() < (0.25 if explore else 0.85)
-            k += 1
-    rating = np.where(positive, rng.choice([4.0, 5.0], n), rng.choice([1.0, 2.0, 3.0], n))
-    ts = 1_600_000_000 + np.arange(n, dtype=np.int64) * 60
-    return Interactions(user, item, rating, ts)
+    starts = np.cumsum(lengths) - lengths
+    user = np.repeat(np.arange(first, first + count, dtype=np.int32), lengths)
+    step = np.where(rng.random(n) < P_DRIFT, rng.integers(-2, 3, n), 0)
+    walk = np.cumsum(step)
+    origin = rng.integers(0, N_TOPICS, count) - (walk[starts] - step[starts])
+    topic = (walk + np.repeat(origin, lengths)) % N_TOPICS     # drift applies before a pick
+    explore = rng.random(n) < P_EXPLORE
+    pick = np.where(explore, rng.integers(0, N_TOPICS, n), topic)
+    pick = np.where(cat.sizes[pick] > 0, pick, topic)            # empty explored topic
+    item = draw_items(cat, pick, rng.random(n))
+    positive = rng.random(n) < np.where(explore, P_CLICK_EXPLORE, P_CLICK_ON_TOPIC)
+    rating = np.where(positive, 4 + rng.integers(0, 2, n), 1 + rng.integers(0, 3, n))
+    ts = T0 + np.arange(n, dtype=np.int64) * 60
+    return Interactions(user, item, rating.astype(np.float64), ts)
+
+
+@dataclass(frozen=True)
+class ChunkJob:
+    """Everything chunk k needs besides the catalogue (plain values: cheap to send)."""
+
+    seed: int
+    split: str
+    max_history: int
+    n_users: int
+    chunk_users: int
+
+
+Chunk = tuple[dict[str, tuple[pa.Table, int, int]], int]
+
+
+def make_chunk(job: ChunkJob, k: int, cat: Catalogue, features: list[FeatureSpec]) -> Chunk:
+    """Chunk k's samples as ({split: (Arrow table, positives, history values)}, interactions
+    generated before the label rule); a function of (job, k) only."""
+    first = 1 + k * job.chunk_users
+    count = min(job.chunk_users, job.n_users - first + 1)
+    rng = np.random.default_rng([job.seed, 1, k])
+    raw = make_users(first, count, cat, rng)
+    kept, label = apply_label_rule(raw)
+    smp = build_samples(kept, label, split=job.split,  # type: ignore[arg-type]
+                        max_history=job.max_history, seed=job.seed + first)
+    items = SideTable(np.empty(0, dtype=object), {"store": cat.store},
+                      {"categories": cat.categories})   # sample_table reads features only
+    users = SideTable(np.empty(0, dtype=object), {}, {})
+    out = {}
+    for code, name in enumerate(SPLITS):
+        idx = np.flatnonzero(smp.split == code)
+        if name == "train":
+            idx = idx[rng.permutation(idx.size)]
+        part = smp.take(idx)
+        out[name] = (sample_table(part, users, items, features), int(part.label.sum()),
+                     int(part.hist_offsets[-1]))
+    return out, int(raw.user.size)
+
+
+_WORKER: tuple[ChunkJob, Catalogue, list[FeatureSpec]] | None = None
+
+
+def _init_worker(job: ChunkJob, cat: Catalogue, features: list[FeatureSpec]) -> None:
+    global _WORKER
+    _WORKER = (job, cat, features)
+
+
+def _worker_chunk(k: int) -> Chunk:
+    assert _WORKER is not None
+    return make_chunk(_WORKER[0], k, _WORKER[1], _WORKER[2])
+
+
+def iter_chunks(job: ChunkJob, cat: Catalogue, features: list[FeatureSpec], workers: int
+                ) -> Iterator[Chunk]:
+    """Chunks 0, 1, ... in order; with workers > 1 computed ahead by forked processes (at most
+    2 per worker in flight, so memory stays a few chunks)."""
+    n_chunks = -(-job.n_users // job.chunk_users)
+    if workers <= 1:
+        for k in range(n_chunks):
+            yield make_chunk(job, k, cat, features)
+        return
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"),
+                             initializer=_init_worker, initargs=(job, cat, features)) as pool:
+        pending: list[Future[Chunk]] = []
+        nxt = 0
+        for _ in range(n_chunks):
+            while nxt < n_chunks and len(pending) < 2 * workers:
+                pending.append(pool.submit(_worker_chunk, nxt))
+                nxt += 1
+            yield pending.pop(0).result()
+
+
+class SplitWriter:
+    """Writes one split's tables, in order, as row groups of exactly `row_group_size` rows in
+    shards of `shard_rows` rows (a multiple of it), except the last; at least one file."""
+
+    def __init__(self, root: Path, split: str, row_group_size: int, shard_rows: int) -> None:
+        self.root, self.split, self.rgs = root, split, row_group_size
+        self.shard_rows = max(row_group_size, shard_rows // row_group_size * row_group_size)
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+        self.writer: pq.ParquetWriter | None = None
+        self.in_shard = 0
+        self.rels: list[str] = []
+        self.schema: pa.Schema | None = None
+        (root / split).mkdir()
+
+    def add(self, table: pa.Table) -> None:
+        self.schema = self.schema or table.schema
+        self.pending.append(table)
+        self.pending_rows += table.num_rows
+        if self.pending_rows >= self.rgs:
+            whole = pa.concat_tables(self.pending)
+            full = self.pending_rows // self.rgs * self.rgs
+            self._write(whole.slice(0, full))
+            self.pending = [whole.slice(full)]
+            self.pending_rows -= full
+
+    def close(self) -> list[str]:
+        if self.pending_rows or not self.rels:
+            assert self.schema is not None
+            self._write(pa.concat_tables(self.pending) if self.pending
+                        else self.schema.empty_table(), allow_empty=True)
+        if self.writer is not None:
+            self.writer.close()
+        return self.rels
+
+    def _write(self, table: pa.Table, allow_empty: bool = False) -> None:
+        start = 0
+        while start < table.num_rows or (allow_empty and not self.rels):
+            if self.writer is None or self.in_shard == self.shard_rows:
+                if self.writer is not None:
+                    self.writer.close()
+                rel = f"{self.split}/part-{len(self.rels):05d}.parquet"
+                self.writer = pq.ParquetWriter(self.root / rel, table.schema)
+                self.rels.append(rel)
+                self.in_shard = 0
+            take = min(self.shard_rows - self.in_shard, table.num_rows - start)
+            self.writer.write_table(table.slice(start, take), row_group_size=self.rgs)
+            self.in_shard += take
+            start += take
+
+
+def _item_text(cat: Catalogue, lo: int, hi: int) -> list[str]:
+    """Text of items lo+1..hi: 'adjective word model id; topicT catA catB'."""
+    offs = cat.categories.offsets.to_numpy()
+    vals = cat.categories.values.to_numpy()
+    return [f"{ADJ[a]} {WORDS[t % len(WORDS)]} model {i + 1}; topic{t} "
+            + " ".join(f"cat{c}" for c in vals[offs[i + 1]:offs[i + 2]])
+            for i, t, a in zip(range(lo, hi), cat.topic[lo:hi].tolist(),
+                               cat.adjective[lo:hi].tolist(), strict=True)]
+
+
+def write_side_tables(tmp: Path, cat: Catalogue, n_users: int) -> None:
+    """items.parquet and users.parquet (the columns writer.side_table writes) in steps of
+    SIDE_ROWS rows, so no Python string exists for more than one step's rows."""
+    w = None
+    for lo in range(0, cat.n_items, SIDE_ROWS):
+        hi = min(lo + SIDE_ROWS, cat.n_items)
+        ids = np.arange(lo + 1, hi + 1, dtype=np.int32)
+        t = pa.table({ITEM: ids, RAW_ID: pa.array([f"S{i:07d}" for i in ids.tolist()]),
+                      TEXT: pa.array(_item_text(cat, lo, hi), pa.string()),
+                      "store": pa.array(cat.store[lo + 1:hi + 1], pa.int32()),
+                      "categories": cat.categories.slice(lo + 1, hi - lo)})
+        w = w or pq.ParquetWriter(tmp / ITEMS, t.schema)
+        w.write_table(t, row_group_size=SIDE_ROWS)
+    assert w is not None
+    w.close()
+    w = None
+    for lo in range(0, n_users, SIDE_ROWS):
+        ids = np.arange(lo + 1, min(lo + SIDE_ROWS, n_users) + 1, dtype=np.int32)
+        t = pa.table({USER: ids, RAW_ID: pa.array([f"U{u:08d}" for u in ids.tolist()])})
+        w = w or pq.ParquetWriter(tmp / USERS, t.schema)
+        w.write_table(t, row_group_size=SIDE_ROWS)
+    assert w is not None
+    w.close()
 
 
 def prepare_synthetic(args: argparse.Namespace) -> dict[str, Any]:
@@ -102,48 +317,39 @@ def prepare_synthetic(args: argparse.Namespace) -> dict[str, Any]:
     s = float(args.scale)
     if s <= 0:
         raise DatasetError("--scale must be > 0")
-    rng = np.random.default_rng(args.seed)
+    workers = int(getattr(args, "workers", 1) or 1)
+    if workers < 1:
+        raise DatasetError("--workers must be >= 1")
     n_users, n_items = max(20, round(BASE_USERS * s)), max(30, round(BASE_ITEMS * s))
-    items, topic_items, pop = make_items(n_items, rng)
-    users = SideTable(np.array([f"U{u:08d}" for u in range(1, n_users + 1)], dtype=object), {},
-                      {})
-    features = feature_list(users, items)
-    split = args.split or "leave_one_out"
-    max_hist = args.max_history or 20
-    chunk = CHUNK_USERS
-    files: dict[str, Any] = {}
+    cat = make_catalogue(n_items, args.seed)
+    cats = cat.categories.values.to_numpy()
+    features = [FeatureSpec(USER, "user", False, n_users + 1),
+                FeatureSpec(ITEM, "item", False, n_items + 1),
+                FeatureSpec("store", "item", False, int(cat.store.max()) + 1),
+                FeatureSpec("categories", "item", True, int(cats.max(initial=0)) + 1)]
+    job = ChunkJob(args.seed, args.split or "leave_one_out", args.max_history or 20, n_users,
+                   CHUNK_USERS)
     counts: dict[str, Any] = {s_: {"rows": 0, "positives": 0, "hist": 0} for s_ in SPLITS}
+    files: dict[str, Any] = {}
     with staging(Path(args.out), args.force) as tmp, tqdm(
             total=n_users, desc="synthetic users", disable=args.no_progress) as bar:
-        writers: dict[str, pq.ParquetWriter] = {}
-        for first in range(1, n_users + 1, chunk):
-            count = min(chunk, n_users - first + 1)
-            kept, label = apply_label_rule(make_users(first, count, topic_items, pop, rng))
-            smp = build_samples(kept, label, split=split, max_history=max_hist,
-                                seed=args.seed + first)
-            for code, name in enumerate(SPLITS):
-                idx = np.flatnonzero(smp.split == code)
-                if name == "train":
-                    idx = idx[rng.permutation(idx.size)]
-                part = smp.take(idx)
-                table = sample_table(part, users, items, features)
-                if name not in writers:
-                    (tmp / name).mkdir()
-                    writers[name] = pq.ParquetWriter(tmp / name / "part-00000.parquet",
-                                                     table.schema)
-                writers[name].write_table(table, row_group_size=args.row_group_size)
+        writers = {name: SplitWriter(tmp, name, args.row_group_size, args.shard_rows)
+                   for name in SPLITS}
+        interactions = 0
+        for chunk, n_raw in iter_chunks(job, cat, features, workers):
+            interactions += n_raw
+            for name, (table, positives, hist) in chunk.items():
+                writers[name].add(table)
                 c = counts[name]
-                c["rows"] += int(idx.size)
-                c["positives"] += int(part.label.sum())
-                c["hist"] += int(part.hist_offsets[-1])
-            bar.update(count)
-        for name, w in writers.items():
-            w.close()
-            rel = f"{name}/part-00000.parquet"
-            meta = pq.ParquetFile(tmp / rel).metadata
-            files[rel] = {"rows": meta.num_rows, "row_groups": meta.num_row_groups}
-        pq.write_table(side_table(items, "item_id", features, "item"), tmp / ITEMS)
-        pq.write_table(side_table(users, "user_id", features, "user"), tmp / USERS)
+                c["rows"] += table.num_rows
+                c["positives"] += positives
+                c["hist"] += hist
+            bar.update(min(job.chunk_users, n_users - bar.n))
+        for w in writers.values():
+            for rel in w.close():
+                meta = pq.ParquetFile(tmp / rel).metadata
+                files[rel] = {"rows": meta.num_rows, "row_groups": meta.num_row_groups}
+        write_side_tables(tmp, cat, n_users)
         files[ITEMS], files[USERS] = {"rows": n_items}, {"rows": n_users}
         for rel in files:
             files[rel]["sha256"] = sha256_file(tmp / rel)
@@ -157,10 +363,14 @@ def prepare_synthetic(args: argparse.Namespace) -> dict[str, Any]:
         out_counts["positive_rate"] = sum(c["positives"] for c in counts.values()) / max(total, 1)
         out_counts["avg_history"] = sum(c["hist"] for c in counts.values()) / max(total, 1)
         manifest = {"schema_version": SCHEMA_VERSION, "dataset": "synthetic",
-                    "protocol": {"split": split, "max_history": max_hist, "seed": args.seed,
-                                 "scale": s, "label_rule": "drop rating 3; label = rating > 3"},
+                    "protocol": {"split": job.split, "max_history": job.max_history,
+                                 "seed": args.seed, "scale": s,
+                                 "label_rule": "drop rating 3; label = rating > 3"},
                     "counts": out_counts, "features": [f.to_json() for f in features],
                     "row_group_size": args.row_group_size, "files": files,
-                    "source": {"generator": "data_pipes.sources.synthetic", "scale": s}}
+                    "source": {"generator": "data_pipes.sources.synthetic", "version": 2,
+                               "scale": s, "popularity_exponent": POP_EXPONENT,
+                               "chunk_users": job.chunk_users,
+                               "interactions": interactions}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest_summary(manifest, time.perf_counter() - t0, args.out)

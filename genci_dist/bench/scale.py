@@ -1,0 +1,186 @@
+"""Scale benchmark of the data stages (JSON lines on stdout).
+
+    python -m genci_dist.bench.scale --stages generate,read --scales 1,10,100 \\
+        --out data/bench_scale [--workers 1] [--clean]
+
+For every scale s (in order) and every stage (in order) the stage runs in its own subprocess,
+so its figures are its own: one JSON line per (stage, s) with
+
+    wall_s         the subprocess's wall time (interpreter start and imports included)
+    stage_s        the time the stage itself reports (its work only)
+    peak_rss_gb    ru_maxrss of that subprocess from os.wait4 (Linux: the largest of it and
+                   its waited-for children, e.g. the generator's --workers; not their sum)
+    bytes          bytes on disk of the dataset folder after the stage
+    interactions   interactions generated (before the label rule), from the manifest
+    samples        rows written / read; load1 = the 1-minute load average at the start
+
+then one line per stage with the growth exponents k of stage_s ∝ interactions^k and
+wall_s ∝ interactions^k (least squares on log-log axes; k ≈ 1 is linear). The machine may be
+shared: read load1 before trusting a figure.
+
+Stages (STAGES: name → the child command; add one by adding an entry):
+
+    generate  `python -m data_pipes.prepare --dataset synthetic --scale s` into
+              OUT/synthetic-s<s> (the real CLI, so its RSS is the generator's alone)
+    read      one full pass of data_pipes.stream.build_loader over the train split (batch
+              1024, history item ids, semantic-ID tokens if the dataset has them, shard
+              hashes checked first as in training); samples_per_s over the whole pass
+
+--clean deletes each scale's dataset after its last stage (the disk of s = 200 is ~6 GB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data_pipes.schema import MANIFEST, SEMANTIC_IDS
+
+
+def dataset_dir(out: Path, scale: float) -> Path:
+    return out / f"synthetic-s{scale:g}"
+
+
+def generate_command(out: Path, scale: float, opts: argparse.Namespace) -> list[str]:
+    return [sys.executable, "-m", "data_pipes.prepare", "--dataset", "synthetic",
+            "--scale", f"{scale:g}", "--out", str(dataset_dir(out, scale)), "--force",
+            "--no-progress", "--seed", str(opts.seed), "--workers", str(opts.workers)]
+
+
+def read_command(out: Path, scale: float, opts: argparse.Namespace) -> list[str]:
+    return [sys.executable, "-m", "genci_dist.bench.scale", "--child-read",
+            str(dataset_dir(out, scale)), "--batch-size", str(opts.batch_size)]
+
+
+STAGES: dict[str, Callable[[Path, float, argparse.Namespace], list[str]]] = {
+    "generate": generate_command,
+    "read": read_command,
+}
+
+
+def read_pass(data: Path, batch_size: int) -> dict[str, Any]:
+    """One full pass over the train split in this process → samples, batches, stage_s."""
+    from data_pipes.stream import build_loader
+
+    t0 = time.perf_counter()
+    loader = build_loader(data, "train", batch_size=batch_size, num_workers=0, seed=0,
+                          with_tokens=(data / SEMANTIC_IDS).is_file(), with_history_ids=True)
+    samples = batches = 0
+    for batch in loader:
+        samples += batch.size
+        batches += 1
+    seconds = time.perf_counter() - t0
+    return {"samples": samples, "batches": batches, "stage_s": round(seconds, 3),
+            "samples_per_s": round(samples / max(seconds, 1e-9), 1)}
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+
+
+def run_stage(stage: str, cmd: list[str], data: Path, scale: float) -> dict[str, Any]:
+    """Runs `cmd` as a child and returns its measurement line. The child prints one JSON
+    document on stdout (genci-prepare's summary, or read_pass's dict)."""
+    load1 = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    text = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"stage {stage} at s={scale:g} failed (exit {proc.returncode}): "
+                           f"{' '.join(cmd)}")
+    child = json.loads(text)
+    manifest = json.loads((data / MANIFEST).read_text()) if (data / MANIFEST).is_file() else {}
+    interactions = manifest.get("source", {}).get("interactions")
+    return {"stage": stage, "scale": scale, "wall_s": round(wall, 3),
+            "stage_s": child.get("stage_s", child.get("seconds")),
+            "peak_rss_gb": round(usage.ru_maxrss / 2**20, 3),    # KiB on Linux
+            "bytes": dir_bytes(data), "interactions": interactions,
+            "samples": child.get("samples"), "load1": round(load1, 2),
+            **{k: v for k, v in child.items() if k in ("samples_per_s", "batches")}}
+
+
+def growth_exponent(x: Sequence[float], y: Sequence[float]) -> float:
+    """k of y ∝ x^k by least squares on log-log axes (needs two distinct x)."""
+    lx, ly = np.log(np.asarray(x, np.float64)), np.log(np.asarray(y, np.float64))
+    return float(np.polyfit(lx, ly, 1)[0])
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m genci_dist.bench.scale",
+                                description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n", 1)[1])
+    p.add_argument("--stages", default="generate", help=f"comma list of {sorted(STAGES)}")
+    p.add_argument("--scales", default="1,10,100", help="comma list of synthetic scales")
+    p.add_argument("--out", default="data/bench_scale", help="folder of the datasets")
+    p.add_argument("--workers", type=int, default=1, help="generator processes")
+    p.add_argument("--seed", type=int, default=2024)
+    p.add_argument("--batch-size", type=int, default=1024, help="read stage batch size")
+    p.add_argument("--clean", action="store_true",
+                   help="delete each scale's dataset after its stages")
+    p.add_argument("--child-read", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.child_read:
+        print(json.dumps(read_pass(Path(args.child_read), args.batch_size)))
+        return 0
+    stages = [s for s in args.stages.split(",") if s]
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        print(f"genci-bench scale: error: unknown stage(s) {unknown}; known: {sorted(STAGES)}",
+              file=sys.stderr)
+        return 2
+    try:
+        scales = [float(s) for s in args.scales.split(",") if s]
+    except ValueError:
+        print(f"genci-bench scale: error: --scales {args.scales!r} is not a comma list of "
+              "numbers", file=sys.stderr)
+        return 2
+    if not scales or min(scales) <= 0:
+        print("genci-bench scale: error: --scales must be > 0", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines: dict[str, list[dict[str, Any]]] = {s: [] for s in stages}
+    for scale in scales:
+        data = dataset_dir(out, scale)
+        for stage in stages:
+            line = run_stage(stage, STAGES[stage](out, scale, args), data, scale)
+            lines[stage].append(line)
+            print(json.dumps(line), flush=True)
+        if args.clean:
+            shutil.rmtree(data, ignore_errors=True)
+    for stage, got in lines.items():
+        pts = [g for g in got if g["interactions"] and g["stage_s"]]
+        fit: dict[str, Any] = {"stage": stage, "fit": "seconds ∝ interactions^k",
+                               "points": len(pts)}
+        if len({g["interactions"] for g in pts}) >= 2:
+            x = [g["interactions"] for g in pts]
+            fit["exponent_stage_s"] = round(growth_exponent(x, [g["stage_s"] for g in pts]), 3)
+            fit["exponent_wall_s"] = round(growth_exponent(x, [g["wall_s"] for g in pts]), 3)
+            fit["us_per_interaction"] = {f"{g['scale']:g}": round(1e6 * g["stage_s"]
+                                                                  / g["interactions"], 3)
+                                         for g in pts}
+        print(json.dumps(fit, ensure_ascii=False), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

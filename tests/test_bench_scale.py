@@ -1,0 +1,69 @@
+"""genci_dist.bench.scale: the growth-exponent fit on hand-computed numbers, and a real tiny run
+(generate + read at two scales, each stage in its own subprocess) whose JSON lines carry the
+figures of the datasets it wrote and per-child peak RSS."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from genci_dist.bench.scale import dir_bytes, growth_exponent, main
+
+
+def test_growth_exponent_hand_computed() -> None:
+    """log-log least squares: an exact power law gives its exponent; points (0,0), (1,1),
+    (2,3) on log axes give slope cov/var = 3/2."""
+    x = [1e3, 1e4, 1e5, 1e6]
+    assert growth_exponent(x, [2.5e-6 * v ** 1.2 for v in x]) == pytest.approx(1.2, abs=1e-12)
+    e = math.e
+    assert growth_exponent([1, e, e * e], [1, e, e ** 3]) == pytest.approx(1.5, abs=1e-12)
+
+
+def test_tiny_run_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench"
+    assert main(["--stages", "generate,read", "--scales", "0.01,0.03", "--out", str(out)]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [(g["stage"], g.get("scale")) for g in lines] == [
+        ("generate", 0.01), ("read", 0.01), ("generate", 0.03), ("read", 0.03),
+        ("generate", None), ("read", None)]
+    for k, scale in enumerate((0.01, 0.03)):
+        gen, read = lines[2 * k], lines[2 * k + 1]
+        data = out / f"synthetic-s{scale:g}"
+        manifest = json.loads((data / "manifest.json").read_text())
+        assert gen["interactions"] == read["interactions"] == \
+            manifest["source"]["interactions"] > manifest["counts"]["samples"]
+        assert gen["samples"] == manifest["counts"]["samples"]
+        assert read["samples"] == manifest["counts"]["train"]["rows"] == \
+            sum(pq.ParquetFile(p).metadata.num_rows for p in (data / "train").iterdir())
+        assert read["batches"] == -(-read["samples"] // 1024)
+        assert read["bytes"] == dir_bytes(data) >= gen["bytes"] > 0
+        for g in (gen, read):
+            assert 0 < g["stage_s"] <= g["wall_s"]
+        # per-child peak RSS: the reader's child imports torch, the generator's does not,
+        # and the second generate line is not the running maximum over earlier children
+        assert 0.02 < gen["peak_rss_gb"] < read["peak_rss_gb"]
+    assert lines[2]["peak_rss_gb"] < lines[1]["peak_rss_gb"]
+    for fit, stage in zip(lines[4:], ("generate", "read"), strict=True):
+        pts = [g for g in lines[:4] if g["stage"] == stage]
+        x = [g["interactions"] for g in pts]
+        assert fit["points"] == 2
+        assert fit["exponent_stage_s"] == pytest.approx(
+            growth_exponent(x, [g["stage_s"] for g in pts]), abs=1e-3)
+        assert fit["exponent_wall_s"] == pytest.approx(
+            growth_exponent(x, [g["wall_s"] for g in pts]), abs=1e-3)
+
+
+def test_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Unknown stage and non-positive scales: exit 2, one line naming the problem, nothing
+    run."""
+    assert main(["--stages", "generate,compress", "--out", str(tmp_path / "a")]) == 2
+    assert "unknown stage(s) ['compress']" in capsys.readouterr().err
+    assert main(["--scales", "1,0", "--out", str(tmp_path / "b")]) == 2
+    assert "--scales must be > 0" in capsys.readouterr().err
+    assert main(["--scales", "1,x", "--out", str(tmp_path / "c")]) == 2
+    assert "is not a comma list" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
