@@ -5,6 +5,15 @@
     torchx run -s slurm --dryrun launchers/components.py:train --nnodes 2 --nproc_per_node 8
 
 Every extra argument after `--` is passed to the trainer as a dotted config override.
+
+Restarts: the role's environment is torchrun's (the agent's) environment, and this component
+sets TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 there. Without it, torchrun's workers share the
+agent's rendezvous TCP store, and after a restart (torchrun --max-restarts, e.g. a rank that
+was killed) the new ranks read the dead ranks' gloo addresses from it and die in
+init_process_group ("Gloo connectFullMesh failed ... Connection refused";
+pytorch/pytorch#135712). With it the restarted ranks resume from the last checkpoint. Using
+`torchx run dist.ddp` directly: `--env TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` (.torchxconfig
+sets it as dist.ddp's default env).
 """
 
 
@@ -55,5 +64,7 @@ def train(
         j=f"{nnodes}x{nproc_per_node}",
         max_retries=max_retries,
         rdzv_port=rdzv_port,
-        env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+        env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+             # restarted ranks rendezvous on a fresh store (see the module docstring)
+             "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"},
     )

@@ -10,6 +10,9 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 ./launchers/install.sh
 export PATH="$root/.venv/bin:$PATH" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# torchrun restarts (--max-restarts) need a fresh rendezvous store per round, or the restarted
+# ranks die in init_process_group on the dead ranks' addresses (pytorch/pytorch#135712)
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 EPOCHS="${EPOCHS:-1}"
 RUNS="${RUNS:-runs/quickstart}"
 NPROC="${NPROC:-2}"
@@ -26,7 +29,8 @@ fi
 for model in genci deepfm; do
   run="$RUNS/$model"
   echo "=== training $model on $NPROC ranks (TorchX, local_cwd) → $run"
-  torchx run -s local_cwd dist.ddp -j "1x$NPROC" --env OMP_NUM_THREADS=1 \
+  torchx run -s local_cwd dist.ddp -j "1x$NPROC" \
+    --env OMP_NUM_THREADS=1,TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 \
     --script genci_dist/train.py -- --config "$CONFIG" --model.name "$model" \
     --train.epochs "$EPOCHS" --train.run_dir "$run" --train.progress_bar false \
     --checkpoint.resume never

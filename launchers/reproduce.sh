@@ -22,6 +22,9 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 ./launchers/install.sh >/dev/null
 export PATH="$root/.venv/bin:$PATH" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# torchrun restarts (--max-restarts) need a fresh rendezvous store per round, or the restarted
+# ranks die in init_process_group on the dead ranks' addresses (pytorch/pytorch#135712)
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 what="${1:?usage: reproduce.sh ml100k|ml100k-ablations|ml1m}"
 RUNS="${RUNS:-runs/repro}"
 NPROC="${NPROC:-1}"
@@ -63,7 +66,9 @@ run_one() {  # train one model to early stopping, then evaluate its best checkpo
               --train.progress_bar false $EXTRA)
   t0=$(date +%s)
   if [ "$NPROC" -gt 1 ]; then
-    torchrun --standalone --nproc_per_node="$NPROC" -m genci_dist.train "${args[@]}"
+    # a rank that dies is restarted once; the run resumes from its last checkpoint
+    torchrun --standalone --nproc_per_node="$NPROC" --max-restarts=1 -m genci_dist.train \
+      "${args[@]}"
   else
     python -m genci_dist.train "${args[@]}"
   fi

@@ -359,9 +359,10 @@ def _early_stop_twice(rank: int, world: int, port: int, data: str, tmp: str) -> 
 
     env = _init(rank, world, port)
     try:
-        # lr 0: valid AUC never improves after epoch 0, so patience 1 stops after epoch 1
-        args = ("--train.epochs", "5", "--train.patience", "1", "--train.lr", "0",
-                "--sharding.sparse_lr", "0", "--model.dropout", "0.0",
+        # lr 1e-30 (0 is refused): below every weight's float32 resolution, so valid AUC
+        # never improves after epoch 0 and patience 1 stops after epoch 1
+        args = ("--train.epochs", "5", "--train.patience", "1", "--train.lr", "1e-30",
+                "--sharding.sparse_lr", "1e-30", "--model.dropout", "0.0",
                 "--checkpoint.every_n_steps", "0")
         Trainer(_config(data, tmp, *args, "--checkpoint.resume", "never"), env).fit()
         (Path(tmp) / "steps.first").write_text((Path(tmp) / "steps.jsonl").read_text())

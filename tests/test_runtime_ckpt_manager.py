@@ -159,7 +159,7 @@ def test_foreign_checkpoints_are_refused_with_the_reason(tmp_path: Path) -> None
     mgr = CheckpointManager(root, env)
     kw = {"model": model, "optimizer": opt, "scheduler": sched, "loader": loader}
     with pytest.raises(ConfigError, match=r"step-0000001: checkpoint was written by another "
-                                          r"model config.*'d_model': 32"):
+                                          r"model config or dataset: model.d_model: 32 → 48$"):
         mgr.load_latest(**kw, config=_cfg(d_model=48), semantic_hash="h1")
     with pytest.raises(ConfigError, match="another model config or dataset"):
         mgr.load_latest(**kw, config=_cfg("data/y", d_model=32), semantic_hash="h1")

@@ -8,7 +8,9 @@ optimizers), `checkpoint` (DCP), `metrics`; the model family comes from `model.b
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,35 @@ from genci_dist.runtime.sharding import (
     keep_sharding_types,
 )
 from genci_dist.runtime.steplog import ScalarWriter, StepTimer, format_step_line
+
+
+def _truncate_steps_log(path: Path, step: int) -> None:
+    """Drops steps.jsonl lines after `step` (the resumed checkpoint's): the steps a killed
+    process ran past its last checkpoint are run again, and logged once."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by the kill
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+
+
+def _test_sigkill(rank: int, step: int) -> None:
+    """Test-only fault injection, off unless GENCI_TEST_SIGKILL=<rank>:<step>:<marker file>
+    is set: that rank SIGKILLs itself after that step, once (the marker file records it)."""
+    spec = os.environ.get("GENCI_TEST_SIGKILL")
+    if not spec:
+        return
+    r, s, marker = spec.split(":", 2)
+    if (int(r), int(s)) == (rank, step) and not os.path.exists(marker):
+        Path(marker).write_text(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def seed_everything(seed: int, rank: int) -> None:
@@ -93,6 +124,10 @@ class Trainer:
         # the carry, an epoch interrupted and resumed counted only its last process's part.
         self._epoch_carry_s = 0.0
         self._epoch_t0: float | None = None
+        # The epoch's loss sums and step count so far, checkpointed too: a resumed epoch's
+        # record averages over all its steps, not only the last process's.
+        self._epoch_sums: dict[str, float] = {}
+        self._epoch_steps = 0
         # Resume (which refuses a checkpoint of another model config) before the run folder's
         # config.toml / plan.txt are rewritten, so a refused resume leaves them as they were.
         if resume:
@@ -125,7 +160,8 @@ class Trainer:
     def _train_state(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "best_auc": self.best_auc,
                 "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
-                "history": self.history, "epoch_elapsed_s": self._epoch_elapsed()}
+                "history": self.history, "epoch_elapsed_s": self._epoch_elapsed(),
+                "epoch_sums": dict(self._epoch_sums), "epoch_steps": self._epoch_steps}
 
     def _epoch_elapsed(self) -> float:
         here = 0.0 if self._epoch_t0 is None else time.perf_counter() - self._epoch_t0
@@ -149,7 +185,10 @@ class Trainer:
             setattr(self, key, state[key])
         # checkpoints written before the carry existed have none: their epoch counts from here
         self._epoch_carry_s = float(state.get("epoch_elapsed_s", 0.0))
+        self._epoch_sums = dict(state.get("epoch_sums", {}))
+        self._epoch_steps = int(state.get("epoch_steps", 0))
         if self.is_main:
+            _truncate_steps_log(self.run_dir / "steps.jsonl", self.step)
             print(f"[resume] step {self.step}, epoch {self.epoch}", flush=True)
 
     # ---- loop ---------------------------------------------------------------------------
@@ -161,9 +200,11 @@ class Trainer:
         n_steps = len(self.train_loader) if hasattr(self.train_loader, "__len__") else None
         bar = tqdm(total=n_steps, desc=f"epoch {self.epoch}", disable=not (
             self.is_main and cfg.train.progress_bar), leave=False, dynamic_ncols=True)
-        sums: dict[str, float] = {}
-        count = 0
-        self._steps_log = (self.run_dir / "steps.jsonl").open("a") if self.is_main else None
+        sums = self._epoch_sums  # carried over from a checkpoint mid-epoch, else empty
+        # line-buffered: every step's line reaches the file at once, so a killed rank loses
+        # none (measured +6 us per line, against steps of milliseconds)
+        self._steps_log = ((self.run_dir / "steps.jsonl").open("a", buffering=1)
+                           if self.is_main else None)
         it = iter(self.train_loader)
         while True:
             with timer.phase("data"):
@@ -184,7 +225,7 @@ class Trainer:
             values = {"loss": float(loss.detach())} | {k: float(v) for k, v in parts.items()}
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v
-            count += 1
+            self._epoch_steps += 1
             bar.update(1)
             if self._steps_log is not None:
                 self._steps_log.write(json.dumps({"step": self.step, "epoch": self.epoch,
@@ -199,14 +240,15 @@ class Trainer:
             every = cfg.checkpoint.every_n_steps
             if every and self.step % every == 0:
                 self._save(metric=None)
+            _test_sigkill(self.env.rank, self.step)
             if cfg.train.max_steps and self.step >= cfg.train.max_steps:
                 bar.close()
                 self._close_steps_log()
-                self._last_train = {k: v / max(count, 1) for k, v in sums.items()}
+                self._last_train = {k: v / max(self._epoch_steps, 1) for k, v in sums.items()}
                 return False
         bar.close()
         self._close_steps_log()
-        self._last_train = {k: v / max(count, 1) for k, v in sums.items()}
+        self._last_train = {k: v / max(self._epoch_steps, 1) for k, v in sums.items()}
         return True
 
     def _close_steps_log(self) -> None:
@@ -235,6 +277,7 @@ class Trainer:
                       "epoch_s": self._epoch_elapsed()}
             self.history.append(record)
             self._epoch_carry_s, self._epoch_t0 = 0.0, None  # the record holds it now
+            self._epoch_sums, self._epoch_steps = {}, 0
             self.tb.add("valid", valid, self.step)
             improved = valid["auc"] > self.best_auc
             if improved:
