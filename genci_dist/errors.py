@@ -158,10 +158,15 @@ def report_user_error(prog: str, exc: BaseException, debug: bool) -> int:
 
 
 def run_cli(prog: str, body: Callable[[list[str]], int], argv: Sequence[str] | None) -> int:
-    """Runs `body(args)` (args = argv or sys.argv[1:], without --debug) as described above."""
+    """Runs `body(args)` (args = argv or sys.argv[1:], without --debug) as described above;
+    returns the exit code (an argparse SystemExit's too, so `main(argv)` always returns)."""
     debug, args = debug_requested(list(sys.argv[1:] if argv is None else argv))
     try:
         return body(args)
+    except SystemExit as e:  # argparse's usage error (2, its line printed) or --help (0)
+        if isinstance(e.code, int) or e.code is None:
+            return e.code or 0
+        raise
     except Exception as e:
         if is_user_error(e):
             return report_user_error(prog, e, debug)
