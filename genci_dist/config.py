@@ -8,7 +8,6 @@ here, so each subsystem can be built from its own plain config object.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,17 +213,18 @@ def save_config(cfg: JobConfig, path: str | Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m genci_dist.config --config F [overrides]`: prints the resolved config."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    path = None
-    if args[:1] == ["--config"]:
-        path, args = args[1], args[2:]
-    try:
+    """`python -m genci_dist.config --config F [overrides]`: prints the resolved config (a
+    bad one: one line on stderr, exit code 2)."""
+    from genci_dist.errors import run_cli
+
+    def show(args: list[str]) -> int:
+        path = None
+        if args[:1] == ["--config"] and len(args) > 1:
+            path, args = args[1], args[2:]
         print(load_config(path, args).to_toml())
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return run_cli("genci-config", show, argv)
 
 
 if __name__ == "__main__":

@@ -92,10 +92,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         """Ranges and combinations, as `ConfigError`s naming the key (a ValueError)."""
         for key in ("embedding_dim", "d_model", "d_ff", "num_encoder_layers",
-                    "num_decoder_layers", "num_heads", "d_kv", "beam_width", "cohort_member_cap",
-                    "attn_heads"):
+                    "num_decoder_layers", "num_heads", "d_kv", "beam_width", "attn_heads"):
             check_value(f"model.{key}", getattr(self, key), ge=1)
-        for key in ("attention_block", "generator_chunk", "dcn_cross_layers"):
+        for key in ("attention_block", "generator_chunk", "dcn_cross_layers",
+                    "cohort_member_cap"):  # 0 = off: one block, whole batch, none, no cap
             check_value(f"model.{key}", getattr(self, key), ge=0)
         for key in ("dropout", "t5_dropout", "attn_dropout", "deepfm_dropout"):
             check_value(f"model.{key}", getattr(self, key), ge=0, lt=1)
