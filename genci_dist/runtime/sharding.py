@@ -30,7 +30,7 @@ from torchrec.distributed.planner.shard_estimators import (
 )
 from torchrec.distributed.planner.types import PlannerError, Storage
 from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
-from torchrec.modules.embedding_configs import data_type_to_dtype
+from torchrec.modules.embedding_configs import DataType, data_type_to_dtype
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -68,6 +68,11 @@ class ShardingConfig:
     """Memory one rank may use, in GB (10^9 bytes); 0 = auto: host RAM / local ranks (on CUDA
     the device's memory). The planner places tables in it after RUNTIME_RESERVE_GB and its
     own dense + input reservation; a model that cannot fit fails before any allocation."""
+    table_dtype: Literal["fp32", "fp16"] = "fp32"
+    """Storage precision of the fused (sharded) tables: "fp16" halves their memory (fbgemm's
+    CPU kernels update fp16 rows in place; pooled outputs stay fp32, optimizer state fp32).
+    data_parallel tables stay fp32 (dense Adam), so under fp16 the planner is not offered
+    data_parallel for the tables it chooses for."""
 
     def __post_init__(self) -> None:
         for name, kind in self.tables.items():
@@ -153,6 +158,12 @@ def build_constraints(model: torch.nn.Module, cfg: ShardingConfig) -> dict[str, 
     sequence = set(table_names(model, sequence_only=True))
     for name in table_names(model):
         kind = cfg.tables.get(name, cfg.default_type)
+        if kind == "auto" and cfg.table_dtype == "fp16":
+            kinds = _EC_TYPES if name in sequence else tuple(_TYPES)
+            out[name] = ParameterConstraints(
+                sharding_types=[_TYPES[k].value for k in kinds if k != "data_parallel"],
+                compute_kernels=["fused"], min_partition=cfg.min_partition)
+            continue
         if kind == "auto":
             continue
         if kind not in _TYPES:
@@ -213,14 +224,17 @@ class TableSize:
         return self.weight_bytes + self.state_bytes
 
     def describe(self) -> str:
-        state = f" + {_gb(self.state_bytes)} state" if self.state_bytes >= 0.005 * GB else ""
+        state = f" + {_gb(self.state_bytes)} state" if self.state_bytes else ""
         return f"{self.name} {self.rows}×{self.cols} {self.dtype} = {_gb(self.weight_bytes)}{state}"
 
 
 def _gb(n: float) -> str:
-    if n < 0.01 * GB:
-        return f"{n / 1e6:.2f} MB"
-    return f"{n / GB:.2f} GB" if n < 0.995 * GB else f"{n / GB:.1f} GB"
+    """Bytes in decimal units, about three significant digits: 12.8 GB, 3.40 GB, 32.0 MB."""
+    if n >= 9.995e9:
+        return f"{n / GB:.1f} GB"
+    if n >= 0.995e8:
+        return f"{n / GB:.2f} GB"
+    return f"{n / 1e6:.1f} MB" if n >= 0.995e6 else f"{n / 1e3:.1f} KB"
 
 
 def table_sizes(model: torch.nn.Module, cfg: ShardingConfig) -> list[TableSize]:
@@ -337,8 +351,11 @@ class MemoryEstimate:
                  f"{_gb(self.reserved_bytes)} dense/inputs + {_gb(self.budget.reserve_bytes)} "
                  f"runtime)"]
         for r, tables in enumerate(self.per_rank):
-            parts = ", ".join(f"{t} {kind} {_gb(b)}" for t, (kind, b) in
-                              sorted(tables.items(), key=lambda kv: -kv[1][1]))
+            ranked = sorted(tables.items(), key=lambda kv: -kv[1][1])
+            parts = ", ".join(f"{t} {kind} {_gb(b)}" for t, (kind, b) in ranked[:3])
+            if len(ranked) > 3:
+                parts += (f", {len(ranked) - 3} more "
+                          f"{_gb(sum(b for _, (_, b) in ranked[3:]))}")
             lines.append(f"rank {r}: {_gb(self.rank_bytes(r))} of "
                          f"{_gb(self.budget.total_bytes)} budget ({parts or 'no tables'})")
         return "\n".join(lines)
@@ -381,7 +398,8 @@ def _plan(planner: EmbeddingShardingPlanner, model: torch.nn.Module, sharders: l
         dense = getattr(reservation, "_dense_storage", None)
         kjt = getattr(reservation, "_kjt_storage", None)
         reserved = sum(_device_bytes(s, planner._topology) for s in (dense, kjt) if s)
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        text = str(e).strip()
+        reason = text.splitlines()[0][:160].strip() if text else type(e).__name__
         return "error", (reserved, reason)
     dense = getattr(reservation, "_dense_storage", None)
     kjt = getattr(reservation, "_kjt_storage", None)
@@ -399,12 +417,45 @@ def _device_bytes(storage: Any, topology: Topology) -> int:
     return int(storage.hbm if topology.compute_device in ("cuda", "mtia") else storage.ddr)
 
 
+def apply_table_dtype(model: torch.nn.Module, cfg: ShardingConfig) -> list[str]:
+    """Under sharding.table_dtype = "fp16", re-declares every table of `model` that is not
+    pinned data_parallel as fp16 (its EmbeddingBagConfig/EmbeddingConfig data_type, which the
+    sharder passes to fbgemm as weights_precision, and its parameter, so the planner sizes it
+    at 2 bytes per value). Cheap on the meta device; on CPU the values are rounded to fp16.
+    Returns the converted table names."""
+    if cfg.table_dtype not in ("fp32", "fp16"):
+        raise ConfigError(f"sharding.table_dtype = {cfg.table_dtype!r}: expected 'fp32' or "
+                          f"'fp16'")
+    if cfg.table_dtype == "fp32":
+        return []
+    converted = []
+    for m in model.modules():
+        if isinstance(m, EmbeddingBagCollection):
+            configs, modules = m._embedding_bag_configs, m.embedding_bags
+        elif isinstance(m, EmbeddingCollection):
+            configs, modules = m._embedding_configs, m.embeddings
+        else:
+            continue
+        for c in configs:
+            if (cfg.tables.get(c.name, cfg.default_type) == "data_parallel"
+                    or c.data_type == DataType.FP16):
+                continue
+            c.data_type = DataType.FP16
+            w = modules[c.name].weight
+            modules[c.name].weight = torch.nn.Parameter(w.detach().to(torch.float16),
+                                                        requires_grad=w.requires_grad)
+            converted.append(c.name)
+    return converted
+
+
 def plan_sharding(model: torch.nn.Module, env: DistEnv, cfg: ShardingConfig,
                   sharders: list[Any] | None = None) -> PlannedSharding:
     """Plans on rank 0 against the per-rank memory budget and shares the plan (or the failure)
     with every rank. Raises MemoryBudgetError on every rank when the tables cannot fit; only
-    the meta-device model has been looked at by then."""
+    the meta-device model has been looked at by then. Applies sharding.table_dtype to the
+    model's tables first (`apply_table_dtype`)."""
     sharders = sharders if sharders is not None else build_sharders(cfg)
+    apply_table_dtype(model, cfg)
     budget = memory_budget(cfg, env)
     if budget.planner_bytes <= 0:
         raise MemoryBudgetError(_budget_error(model, cfg, env, budget,
