@@ -42,7 +42,7 @@ def test_tiny_run_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
         assert read["batches"] == -(-read["samples"] // 1024)
         assert read["bytes"] == dir_bytes(data) >= gen["bytes"] > 0
         for g in (gen, read):
-            assert 0 < g["stage_s"] <= g["wall_s"]
+            assert 0 < g["stage_s"] <= g["wall_s"] and g["cpu_s"] > 0
         # per-child peak RSS: the reader's child imports torch, the generator's does not,
         # and the second generate line is not the running maximum over earlier children
         assert 0.02 < gen["peak_rss_gb"] < read["peak_rss_gb"]
@@ -55,6 +55,8 @@ def test_tiny_run_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
             growth_exponent(x, [g["stage_s"] for g in pts]), abs=1e-3)
         assert fit["exponent_wall_s"] == pytest.approx(
             growth_exponent(x, [g["wall_s"] for g in pts]), abs=1e-3)
+        assert fit["exponent_cpu_s"] == pytest.approx(
+            growth_exponent(x, [g["cpu_s"] for g in pts]), abs=1e-3)
 
 
 def test_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

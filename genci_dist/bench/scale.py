@@ -8,14 +8,16 @@ so its figures are its own: one JSON line per (stage, s) with
 
     wall_s         the subprocess's wall time (interpreter start and imports included)
     stage_s        the time the stage itself reports (its work only)
+    cpu_s          user + system CPU seconds of the subprocess (and its reaped children):
+                   on a loaded machine a steadier figure than the wall times
     peak_rss_gb    ru_maxrss of that subprocess from os.wait4 (Linux: the largest of it and
                    its waited-for children, e.g. the generator's --workers; not their sum)
     bytes          bytes on disk of the dataset folder after the stage
     interactions   interactions generated (before the label rule), from the manifest
     samples        rows written / read; load1 = the 1-minute load average at the start
 
-then one line per stage with the growth exponents k of stage_s ∝ interactions^k and
-wall_s ∝ interactions^k (least squares on log-log axes; k ≈ 1 is linear). The machine may be
+then one line per stage with the growth exponents k of stage_s, wall_s and cpu_s
+∝ interactions^k (least squares on log-log axes; k ≈ 1 is linear). The machine may be
 shared: read load1 before trusting a figure.
 
 Stages (STAGES: name → the child command; add one by adding an entry):
@@ -107,6 +109,7 @@ def run_stage(stage: str, cmd: list[str], data: Path, scale: float) -> dict[str,
     interactions = manifest.get("source", {}).get("interactions")
     return {"stage": stage, "scale": scale, "wall_s": round(wall, 3),
             "stage_s": child.get("stage_s", child.get("seconds")),
+            "cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
             "peak_rss_gb": round(usage.ru_maxrss / 2**20, 3),    # KiB on Linux
             "bytes": dir_bytes(data), "interactions": interactions,
             "samples": child.get("samples"), "load1": round(load1, 2),
@@ -175,6 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             x = [g["interactions"] for g in pts]
             fit["exponent_stage_s"] = round(growth_exponent(x, [g["stage_s"] for g in pts]), 3)
             fit["exponent_wall_s"] = round(growth_exponent(x, [g["wall_s"] for g in pts]), 3)
+            fit["exponent_cpu_s"] = round(growth_exponent(x, [g["cpu_s"] for g in pts]), 3)
             fit["us_per_interaction"] = {f"{g['scale']:g}": round(1e6 * g["stage_s"]
                                                                   / g["interactions"], 3)
                                          for g in pts}
