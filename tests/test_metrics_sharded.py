@@ -97,7 +97,7 @@ def test_histogram_auc_equals_sklearn_and_hand_case() -> None:
     cut = values.size // 3
     split = M.twice_u(npos[:cut], nneg[:cut]) + M.twice_u(npos[cut:], nneg[cut:],
                                                            int(nneg[:cut].sum()))
-    assert split == M.twice_u(npos, nneg)
+    assert split == M.twice_u(npos, nneg) == M.twice_u(npos, nneg, chunk=5)
 
 
 def test_gauc_user_aligned_chunks_equal_one_pass() -> None:

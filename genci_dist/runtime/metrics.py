@@ -53,7 +53,7 @@ from genci_dist.runtime.distributed import DistEnv
 GAUC_UNDEFINED = ("GAUC undefined: no user has both a click and a non-click in this split "
                   "(leave-one-out gives each user one row)")
 SPLITTER_SAMPLES = 4096     # per rank: range partition within ~world/4096 of even
-GAUC_CHUNK = 1 << 22        # rows per vectorised GAUC pass (bounds the float64 temporaries)
+GAUC_CHUNK = 1 << 18        # rows per vectorised GAUC pass (bounds the float64 temporaries)
 LOGLOSS_CHUNK = 1 << 22
 _gauc_noted = False
 
@@ -150,29 +150,38 @@ def compute_all(logits: np.ndarray, labels: np.ndarray, users: np.ndarray) -> di
 def _runs(sorted_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Distinct values of a sorted array and how often each occurs."""
     if sorted_values.size == 0:
-        return sorted_values, np.zeros(0, dtype=np.int64)
+        return sorted_values, np.zeros(0, dtype=np.int32)
     start = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
-    return sorted_values[start], np.diff(np.r_[start, sorted_values.size]).astype(np.int64)
+    return sorted_values[start], np.diff(np.r_[start, sorted_values.size]).astype(np.int32)
 
 
 def score_histogram(scores: np.ndarray,
                     labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(sorted distinct scores, #positives, #negatives at each) of one rank's rows."""
+    """(sorted distinct scores, #positives, #negatives at each) of one rank's rows; int32
+    counts (a rank holds < 2^31 rows; sums over ranks are taken in int64)."""
     pos_v, pos_c = _runs(np.sort(scores[labels == 1]))
     neg_v, neg_c = _runs(np.sort(scores[labels == 0]))
     values = np.union1d(pos_v, neg_v)
-    npos = np.zeros(values.size, dtype=np.int64)
-    nneg = np.zeros(values.size, dtype=np.int64)
+    npos = np.zeros(values.size, dtype=np.int32)
+    nneg = np.zeros(values.size, dtype=np.int32)
     npos[np.searchsorted(values, pos_v)] = pos_c
     nneg[np.searchsorted(values, neg_v)] = neg_c
     return values, npos, nneg
 
 
-def twice_u(npos: np.ndarray, nneg: np.ndarray, neg_below: int = 0) -> int:
+def twice_u(npos: np.ndarray, nneg: np.ndarray, neg_below: int = 0,
+            chunk: int = 1 << 20) -> int:
     """2 × the Mann–Whitney U of a sorted histogram: Σ_v pos_v (2·#neg < v + #neg = v), where
-    `neg_below` negatives lie below the histogram's first value. AUC = 2U / (2·P·N)."""
-    below = np.cumsum(nneg) - nneg + neg_below
-    return int(np.sum(npos * (2 * below + nneg)))
+    `neg_below` negatives lie below the histogram's first value. AUC = 2U / (2·P·N). int64
+    in blocks of `chunk` values (exact while 2·P·N < 2^63)."""
+    total = 0
+    for a in range(0, npos.size, chunk):
+        p = npos[a:a + chunk].astype(np.int64)
+        n = nneg[a:a + chunk].astype(np.int64)
+        below = np.cumsum(n) - n + neg_below
+        total += int(np.sum(p * (2 * below + n)))
+        neg_below += int(n.sum())
+    return total
 
 
 def _merge_histograms(values: np.ndarray, npos: np.ndarray,
@@ -182,7 +191,9 @@ def _merge_histograms(values: np.ndarray, npos: np.ndarray,
     order = np.argsort(values, kind="stable")
     v = values[order]
     start = np.flatnonzero(np.r_[True, v[1:] != v[:-1]])
-    return v[start], np.add.reduceat(npos[order], start), np.add.reduceat(nneg[order], start)
+    del v
+    return (values[order[start]], np.add.reduceat(npos[order], start, dtype=np.int64),
+            np.add.reduceat(nneg[order], start, dtype=np.int64))
 
 
 # ---- collectives --------------------------------------------------------------------------
@@ -232,10 +243,14 @@ def _sharded_auc(env: DistEnv, scores: np.ndarray, labels: np.ndarray, n_pos: in
     splitters = _splitters(env, values)
     dest = np.searchsorted(splitters, values, side="left")   # range r: (s[r-1], s[r]]
     send_counts = np.bincount(dest, minlength=env.world_size)
+    del dest
     recv_counts = _exchange_counts(env, send_counts)
     values = _a2a(env, values, send_counts, recv_counts)
-    pn = _a2a(env, np.stack([npos, nneg], axis=1), send_counts, recv_counts)
-    values, npos, nneg = _merge_histograms(values, pn[:, 0].copy(), pn[:, 1].copy())
+    pn = np.stack([npos, nneg], axis=1)
+    del npos, nneg
+    pn = _a2a(env, pn, send_counts, recv_counts)
+    values, npos, nneg = _merge_histograms(values, pn[:, 0], pn[:, 1])
+    del pn
     negs = env.all_gather_object(int(nneg.sum()))
     u2 = twice_u(npos, nneg, sum(negs[:env.rank]))
     (u2_total,) = _all_reduce(env, [u2], torch.int64)
@@ -247,7 +262,9 @@ def _sharded_auc(env: DistEnv, scores: np.ndarray, labels: np.ndarray, n_pos: in
 def _user_rank(users: np.ndarray, world: int) -> np.ndarray:
     """hash(user) % world (Fibonacci hashing: consecutive ids spread evenly)."""
     h = users.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-    return ((h >> np.uint64(32)) % np.uint64(world)).astype(np.int64)
+    h >>= np.uint64(32)
+    h %= np.uint64(world)
+    return h.astype(np.int16 if world < 2**15 else np.int32)   # small: radix-sorted
 
 
 def _sharded_gauc(env: DistEnv, scores: np.ndarray, labels: np.ndarray,
