@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from datetime import timedelta
 
 import pytest
 import torch
@@ -91,3 +92,24 @@ def test_keep_freed_memory_reuses_large_blocks_instead_of_faulting_them_in() -> 
     assert out["keep"][0] == "True"
     assert out["default"][1] > 6000, out        # ~one fault per 4 KiB page
     assert out["keep"][1] < 600, out
+
+
+def test_restart_with_shared_rendezvous_store_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rank that torchrun restarted while sharing its rendezvous store fails in gloo's
+    connect; the error says which launch setting fixes it. Without a restart, gloo's own
+    error passes through unchanged."""
+    from genci_dist.config_loader import ConfigError
+    from genci_dist.runtime import distributed
+
+    def refuse(**_: object) -> None:
+        raise RuntimeError("Gloo connectFullMesh failed with ... Connection refused")
+
+    monkeypatch.setattr(distributed.dist, "init_process_group", refuse)
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    with pytest.raises(ConfigError, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+        distributed._init_torchrun_group("gloo", timedelta(seconds=1))
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    with pytest.raises(RuntimeError, match="connectFullMesh") as e:
+        distributed._init_torchrun_group("gloo", timedelta(seconds=1))
+    assert not isinstance(e.value, ConfigError)

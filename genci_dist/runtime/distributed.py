@@ -14,6 +14,8 @@ import torch.distributed as dist
 
 # lives with the reader, whose worker processes call it too; re-exported for the trainer
 from data_pipes.memory import keep_freed_memory
+from genci_dist.config_loader import ConfigError
+from genci_dist.runtime.console import quiet_known_warnings
 
 __all__ = ["DistEnv", "keep_freed_memory", "set_threads"]
 
@@ -35,6 +37,7 @@ class DistEnv:
         world of 1: without a process group, or (require_pg, for DMP) with a one-rank gloo
         group on an in-memory store. gloo on CPU, nccl on CUDA. keep_freed: see
         `keep_freed_memory` (train.keep_freed_memory)."""
+        quiet_known_warnings()
         if keep_freed:
             keep_freed_memory()
         env = os.environ
@@ -58,7 +61,7 @@ class DistEnv:
         if world > 1 or "TORCHELASTIC_RUN_ID" in env:
             backend = "nccl" if use_cuda else "gloo"
             if not dist.is_initialized():
-                dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+                _init_torchrun_group(backend, timedelta(seconds=timeout_s))
             pg = dist.group.WORLD
         elif require_pg:
             backend = "nccl" if use_cuda else "gloo"
@@ -106,6 +109,27 @@ class DistEnv:
         if self.pg is not None and dist.is_initialized():
             dist.destroy_process_group()
             self.pg = None
+
+
+def _init_torchrun_group(backend: str, timeout: timedelta) -> None:
+    """init_process_group from torchrun's variables, with the one launch mistake that makes a
+    restarted rank fail named: torchrun (2.13) shares its rendezvous TCP store with the ranks
+    unless TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, and after a restart gloo then connects to the
+    dead ranks' old addresses ("Gloo connectFullMesh failed", pytorch/pytorch#135712)."""
+    env = os.environ
+    try:
+        dist.init_process_group(backend=backend, timeout=timeout)
+    except Exception as e:
+        restarted = env.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0")
+        shared = env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+        if restarted and shared:
+            raise ConfigError(
+                "this rank was restarted by torchrun, whose shared rendezvous store points "
+                "the new ranks at the dead ones' addresses (pytorch/pytorch#135712): launch "
+                "torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (the project's launchers "
+                f"and TorchX component set it); gloo said: {str(e).splitlines()[0][:200]}"
+            ) from e
+        raise
 
 
 def set_threads(local_world_size: int) -> int:

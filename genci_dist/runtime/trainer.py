@@ -24,6 +24,7 @@ from data_pipes.stream import build_loader
 from genci_dist.config import JobConfig, save_config
 from genci_dist.model.build import batch_fields, build_task, load_generation_assets
 from genci_dist.runtime.checkpoint import CheckpointManager
+from genci_dist.runtime.console import progress_enabled, run_banner
 from genci_dist.runtime.datasets import ensure_dataset
 from genci_dist.runtime.distributed import DistEnv
 from genci_dist.runtime.evaluation import bf16_autocast, evaluate_loader
@@ -85,6 +86,8 @@ class Trainer:
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
 
+        if self.is_main:
+            print(run_banner(cfg, env), flush=True)
         needs_ids = cfg.model.name == "genci"
         self.dataset_dir = ensure_dataset(cfg, env, need_semantic_ids=needs_ids)
         # Seeded after preparing a missing dataset (which draws from the global RNGs), so a
@@ -136,7 +139,6 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.toml")
             (self.run_dir / "plan.txt").write_text(describe_plan(self.plan))
-            print(cfg.to_toml(), flush=True)
             print(f"[plan]\n{describe_plan(self.plan)}", flush=True)
         tb_dir = self.run_dir / "tensorboard" if (self.is_main and cfg.train.tensorboard) else None
         self.tb = ScalarWriter(tb_dir)
@@ -198,8 +200,8 @@ class Trainer:
         self.dmp.train()
         timer = StepTimer()
         n_steps = len(self.train_loader) if hasattr(self.train_loader, "__len__") else None
-        bar = tqdm(total=n_steps, desc=f"epoch {self.epoch}", disable=not (
-            self.is_main and cfg.train.progress_bar), leave=False, dynamic_ncols=True)
+        bar = tqdm(total=n_steps, desc=f"epoch {self.epoch}", leave=False, dynamic_ncols=True,
+                   disable=not (self.is_main and progress_enabled(cfg.train.progress_bar)))
         sums = self._epoch_sums  # carried over from a checkpoint mid-epoch, else empty
         # line-buffered: every step's line reaches the file at once, so a killed rank loses
         # none (measured +6 us per line, against steps of milliseconds)

@@ -90,7 +90,10 @@ def texts_hash(texts: Sequence[str]) -> str:
 
 def _encode(model_path: Path, texts: list[str], batch_size: int, progress: bool) -> np.ndarray:
     from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as hf_logging
 
+    if not progress:  # transformers draws its own weight-loading bar otherwise
+        hf_logging.disable_progress_bar()
     try:
         st = SentenceTransformer(str(model_path), device="cpu", local_files_only=True)
     except Exception as e:  # noqa: BLE001 - any load failure is a config problem for the user
