@@ -16,18 +16,20 @@ prints its ChildFailedError summary, whose "Root Cause" is the failure with the 
 error-file timestamp. So the failing rank
 
 1. prints `genci-train: error: rank R: <message>` on stderr;
-2. writes torchrun's error file (TORCHELASTIC_ERROR_FILE, the format of torch's `@record`)
-   with that line as its traceback and a timestamp one second early: timestamps are whole
-   seconds and a tie goes to the lowest rank, which may be a peer dying in the same second;
-3. publishes the line in the job's TCPStore (MASTER_ADDR:MASTER_PORT, which torchrun runs
-   in its own process).
+2. writes torchrun's error file (TORCHELASTIC_ERROR_FILE, in the format of torch's
+   `@record`, plus the line under a key of its own for the peers) with that line as its
+   traceback and a timestamp one second early: timestamps are whole seconds and a tie goes
+   to the lowest rank, which may be a peer dying in the same second;
+3. publishes the line in the job's TCPStore (MASTER_ADDR:MASTER_PORT) when torchrun's
+   agent hosts it (not under TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, where rank 0 does).
 
 A rank whose collective then breaks (any exception that is not a user error) looks for that
-line in the store for a few seconds; found, it prints the same line instead of its traceback
-and records "stopped after rank R's error" in its error file. The user therefore sees the
-root cause's line as the last line of the ranks' output and again at the end of torchrun's
-summary (`traceback : genci-train: error: rank 1: ...`). A rank torchrun stops with SIGTERM
-prints nothing.
+line for up to PEER_WAIT_S seconds, in its node's other error files (found whoever hosts
+the store) and in the agent's store (ranks on other nodes); found,
+it prints the same line instead of its traceback and records "stopped after another rank's
+error" in its error file. The user therefore sees the root cause's line as the last line of
+the ranks' output and again at the end of torchrun's summary (`traceback : genci-train:
+error: rank 1: ...`). A rank that torchrun stops with SIGTERM first prints nothing.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, NoReturn
 
 USER_ERRORS = frozenset({"ConfigError", "DatasetError", "SemanticIdError", "EmbeddingError",
@@ -49,6 +52,7 @@ tokenizer, analysis.volatility, runtime.checkpoint); subclasses count too."""
 _PACKAGES = ("genci_dist", "data_pipes")
 DEBUG_ENV = "GENCI_DEBUG"
 PEER_KEY = "genci/user_error"
+USER_LINE_KEY = "genci_user_error"
 PEER_WAIT_S = 5.0
 """How long a rank whose collective broke waits for a peer's published error line."""
 
@@ -100,12 +104,14 @@ def add_debug_flag(parser: argparse.ArgumentParser) -> None:
 
 
 # ---- torchrun: the error file and the peers ----------------------------------------------
-def _write_error_file(line: str, callstack: str, timestamp: int) -> None:
+def _write_error_file(line: str, callstack: str, timestamp: int, user: bool = False) -> None:
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
-    data = {"message": {"message": line, "extraInfo": {"py_callstack": callstack,
-                                                       "timestamp": str(timestamp)}}}
+    data: dict[str, Any] = {"message": {"message": line, "extraInfo": {
+        "py_callstack": callstack, "timestamp": str(timestamp)}}}
+    if user:  # torchrun reads only "message"; the peers look for this
+        data[USER_LINE_KEY] = line
     try:
         with open(path, "w") as f:
             json.dump(data, f)
@@ -114,10 +120,13 @@ def _write_error_file(line: str, callstack: str, timestamp: int) -> None:
 
 
 def _store(timeout_s: float) -> Any | None:
-    """A client of the job's TCPStore under torchrun (WORLD_SIZE > 1), else None."""
+    """A client of the job's TCPStore when torchrun's agent hosts it (it outlives every
+    rank), else None: under TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 rank 0 hosts it, and after
+    rank 0's failure a client would only add c10d's connection errors after the line."""
     _rank, world = _world()
     host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
-    if world <= 1 or not host or not port:
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if world <= 1 or not agent or not host or not port:
         return None
     try:
         import torch.distributed as dist
@@ -137,22 +146,51 @@ def _publish(line: str) -> None:
             pass
 
 
-def _peer_line(wait_s: float = PEER_WAIT_S) -> str | None:
-    store = _store(wait_s)
-    if store is None:
-        return None
+def _sibling_error_files() -> list[Path]:
+    """The error files of this node's other ranks (torchrun gives each local rank
+    <run>/attempt_N/<local_rank>/error.json)."""
+    own = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not own:
+        return []
+    me = Path(own)
+    return [p for p in me.parent.parent.glob(f"*/{me.name}") if p != me]
+
+
+def _user_line_in(path: Path) -> str | None:
     try:
-        store.wait([PEER_KEY], timedelta(seconds=wait_s))
-        return store.get(PEER_KEY).decode()
-    except Exception:
+        line = json.loads(path.read_text()).get(USER_LINE_KEY)
+    except (OSError, ValueError, AttributeError):
         return None
+    return line if isinstance(line, str) else None
+
+
+def _peer_line(wait_s: float = PEER_WAIT_S) -> str | None:
+    """A peer's user-error line: from this node's error files (works whoever hosts the
+    store, e.g. rank 0 under TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, gone with rank 0) or from
+    the job's store (other nodes), polled for up to wait_s seconds."""
+    deadline = time.monotonic() + wait_s
+    store = _store(1.0)
+    while True:
+        for path in _sibling_error_files():
+            line = _user_line_in(path)
+            if line is not None:
+                return line
+        if store is not None:
+            try:
+                if store.check([PEER_KEY]):
+                    return store.get(PEER_KEY).decode()
+            except Exception:
+                store = None
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.1)
 
 
 def report_user_error(prog: str, exc: BaseException, debug: bool) -> int:
     line = error_line(prog, exc)
     tb = traceback.format_exc() if debug else ""
     print(f"{tb}{line}", file=sys.stderr, flush=True)
-    _write_error_file(line, f"{tb}{line}", int(time.time()) - 1)
+    _write_error_file(line, f"{tb}{line}", int(time.time()) - 1, user=True)
     _publish(line)
     return 2
 
