@@ -137,11 +137,16 @@ def _store(timeout_s: float) -> Any | None:
         return None
 
 
+def _peer_key() -> str:
+    """One key per attempt: torchrun --max-restarts reuses its store across restarts."""
+    return f"{PEER_KEY}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
 def _publish(line: str) -> None:
     store = _store(2.0)
     if store is not None:
         try:
-            store.set(PEER_KEY, line)
+            store.set(_peer_key(), line)
         except Exception:
             pass
 
@@ -177,8 +182,8 @@ def _peer_line(wait_s: float = PEER_WAIT_S) -> str | None:
                 return line
         if store is not None:
             try:
-                if store.check([PEER_KEY]):
-                    return store.get(PEER_KEY).decode()
+                if store.check([_peer_key()]):
+                    return store.get(_peer_key()).decode()
             except Exception:
                 store = None
         if time.monotonic() >= deadline:

@@ -251,3 +251,61 @@ def test_cli_prints_one_line_and_the_traceback_only_on_request() -> None:
         assert lines[0] == "Traceback (most recent call last):" and lines[-1] == line
         assert any("genci_dist/config.py" in x for x in lines)
         assert len(lines) > 5
+
+
+# ---- torchrun's error files, without torchrun ------------------------------------------------
+def test_error_file_is_torchruns_root_cause_and_peers_print_its_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Rank 1 fails with a user error; torch's own ProcessFailure / ChildFailedError read its
+    error file as the root cause (one second earlier than rank 0 dying in the same second),
+    and rank 0, whose collective broke, prints rank 1's line instead of a traceback."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from genci_dist.errors import run_cli
+
+    files = {r: tmp_path / "attempt_0" / str(r) / "error.json" for r in (0, 1)}
+    for f in files.values():
+        f.parent.mkdir(parents=True)
+    for k in ("MASTER_ADDR", "MASTER_PORT", "GENCI_DEBUG", "TORCHELASTIC_USE_AGENT_STORE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+
+    def bad_data(_args: list[str]) -> int:
+        from data_pipes.schema import DatasetError
+        raise DatasetError("shard-00001.parquet: row 7: label 3 is not 0/1")
+
+    def broken_collective(_args: list[str]) -> int:
+        raise RuntimeError("[gloo/pair.cc:553] Connection closed by peer")
+
+    line = "genci-train: error: rank 1: shard-00001.parquet: row 7: label 3 is not 0/1"
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(files[1]))
+    assert run_cli("genci-train", bad_data, []) == 2
+    assert capfd.readouterr().err.splitlines() == [line]
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(files[0]))
+    assert run_cli("genci-train", broken_collective, []) == 1
+    assert capfd.readouterr().err.splitlines() == [line]
+
+    failures = {0: ProcessFailure(0, 100, 1, str(files[0])),
+                1: ProcessFailure(1, 101, 2, str(files[1]))}
+    assert failures[1].timestamp < failures[0].timestamp  # rank 0's was written later
+    msg = str(ChildFailedError("train", failures))
+    root = msg.split("Root Cause (first observed failure):")[1]
+    assert "rank      : 1 (local_rank: 1)" in root
+    assert [x for x in root.strip().splitlines() if x.strip("=")][-1] == f"  traceback : {line}"
+    assert f"stopped after another rank's error: {line}" in msg.split("Root Cause")[0]
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    from genci_dist.errors import run_cli
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+
+    def bug(_args: list[str]) -> int:
+        raise KeyError("not a user error")
+
+    with pytest.raises(KeyError):
+        run_cli("genci-train", bug, [])
