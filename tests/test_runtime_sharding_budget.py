@@ -294,3 +294,28 @@ def test_debug_genci_trains_with_fp16_tables(tiny_dataset: Path, dtype: str) -> 
     finally:
         env.destroy()
     assert epochs[-1] < epochs[0] * 0.95, epochs
+
+
+# ---- checkpoint memory -------------------------------------------------------------------------
+@pytest.mark.parametrize("own", [False, True])
+def test_large_tables_get_their_own_tbe_so_dcp_writes_their_shard_without_a_copy(
+        own: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DCP's FileSystemWriter clones a tensor whose storage is larger than itself (a view)
+    before torch.save; tables grouped in one TBE are views into its shared buffer. A table
+    over OWN_TBE_BYTES gets its own TBE: its shard and its optimizer state are whole
+    storages. (10^4 × 16 fp32 = 640 KB against a threshold of 100 KB, or of 1 TB.)"""
+    monkeypatch.setattr(sharding, "OWN_TBE_BYTES", 100_000 if own else 10**12)
+    env = DistEnv.init("cpu", require_pg=True)
+    try:
+        dmp, _ = build_dmp(TwoTables(10**4, 16), env, ShardingConfig(default_type="row_wise"))
+        opt = sharding.build_optimizer(dmp, 1e-3)
+        w = dmp.state_dict()["ebc.embedding_bags.t_item_id.weight"].local_shards()[0].tensor
+        m = opt.state_dict()["state"]["sparse.ebc.embedding_bags.t_item_id.weight"][
+            "t_item_id.momentum1"]
+        m = m.local_shards()[0].tensor if hasattr(m, "local_shards") else m
+    finally:
+        env.destroy()
+    assert w.shape == (10**4, 16) and m.shape == (10**4,)
+    # grouped, t_item_id's rows and rowwise momenta share buffers with t_user_id's (1000 rows)
+    assert w.untyped_storage().size() == (10**4 * 16 * 4 if own else 11_000 * 16 * 4)
+    assert m.untyped_storage().size() == (10**4 * 4 if own else 11_000 * 4)
