@@ -153,6 +153,49 @@ def test_accumulator_is_compact_and_rejects_bad_labels() -> None:
         acc.compute(one)
 
 
+class _Batch:
+    def __init__(self, rows: np.ndarray, users: np.ndarray, labels: np.ndarray) -> None:
+        self.row_ids = torch.from_numpy(rows)
+        self.user_ids = torch.from_numpy(users)
+        self.item_ids = torch.from_numpy(rows % 5)
+        self.labels = torch.from_numpy(labels)
+
+    def to(self, device: torch.device) -> _Batch:
+        return self
+
+
+class _ScoreByRow(torch.nn.Module):
+    """A 'model' whose logit is a known function of the row id (ties every 4 rows)."""
+
+    def forward(self, batch: _Batch) -> tuple:
+        logits = (batch.row_ids // 4).float() * 0.25 - 3.0
+        return torch.zeros(()), {}, logits, batch.labels
+
+
+def test_evaluate_loader_metrics_and_predictions(tmp_path: Path) -> None:
+    """evaluate_loader: metrics = compute_all on the rows it saw, predictions (row, user,
+    item, label, σ(logit)) written as Parquet in loader order."""
+    import pyarrow.parquet as pq
+
+    from genci_dist.runtime.evaluation import evaluate_loader, write_predictions
+
+    rng = np.random.default_rng(6)
+    rows = np.arange(50)
+    users = rng.integers(0, 6, 50)
+    labels = (rng.random(50) < 0.5).astype(np.float32)
+    loader = [_Batch(rows[a:a + 16], users[a:a + 16], labels[a:a + 16]) for a in (0, 16, 32, 48)]
+    preds: list = []
+    one = DistEnv(0, 1, 0, 1, torch.device("cpu"), None, None)
+    got = evaluate_loader(_ScoreByRow(), loader, one, preds)
+    logits = (rows // 4) * 0.25 - 3.0
+    _assert_close(got, _reference(logits, labels, users), "evaluate_loader")
+    write_predictions(preds, tmp_path / "p.parquet")
+    table = pq.read_table(tmp_path / "p.parquet").to_pydict()
+    assert table["row_id"] == rows.tolist() and table["user_id"] == users.tolist()
+    assert table["item_id"] == (rows % 5).tolist() and table["label"] == labels.tolist()
+    assert np.allclose(table["prob"], 1 / (1 + np.exp(-logits)), atol=1e-7)
+
+
 # ---- real gloo ranks ------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:

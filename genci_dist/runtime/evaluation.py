@@ -1,5 +1,10 @@
 """The evaluation loop shared by the trainer (validation) and `genci-evaluate`: metrics over
-every rank's samples and, optionally, per-sample predictions written as Parquet."""
+every rank's samples and, optionally, per-sample predictions written as Parquet.
+
+Memory is O(rows per rank): each rank keeps its own rows compactly (13 bytes a row: float32
+score, int8 label, int64 user) and the metrics are exact sums of per-rank partials — no rank
+ever holds another rank's rows except the users routed to it for GAUC (runtime/metrics.py).
+Predictions, when asked for, stay on their rank too (one Parquet part per rank)."""
 
 from __future__ import annotations
 
@@ -22,7 +27,9 @@ def bf16_autocast(device: torch.device, enabled: bool) -> Any:
 def evaluate_loader(model: torch.nn.Module, loader: Any, env: DistEnv,
                     predictions: list[dict[str, Any]] | None = None) -> dict[str, float]:
     """Runs `model` (a task module returning (loss, parts, logits, labels)) over every batch
-    of `loader` and returns metrics over all ranks' samples."""
+    of `loader` and returns metrics over all ranks' samples (auc, logloss, gauc, samples,
+    positive_rate; the same on every rank). `predictions`, if given, receives this rank's
+    per-sample rows batch by batch (for `write_predictions`)."""
     was_training = model.training
     model.eval()
     acc = MetricAccumulator()

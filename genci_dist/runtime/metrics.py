@@ -27,7 +27,10 @@ Exact, not binned, and each rank holds only its own rows (memory O(rows per rank
     routed to rank hash(user) % world by `all_to_all_single`, so each user's rows meet on one
     rank; each rank sums n_u·AUC_u and n_u over its users, one all-reduce adds them. A rank
     holds about rows / world (all rows of a user land together).
-  Per-rank peak ≈ its rows × (13 stored + 13 sent + 13 received + ~24 sorting) bytes.
+  Per-rank peak ≈ 70 bytes per row of that rank over the start-up RSS (13 stored, the rest
+  sorting and exchange buffers); measured by `python -m genci_dist.bench.eval_metrics`:
+  5e7 rows on 2 gloo ranks, peak RSS 2.0 GB per rank, 86 s (the replaced path: ≈ 130 bytes
+  per row of all ranks on every rank, 6.6 GB per rank at 5e7 rows).
   The results equal `compute_all` on the concatenated rows to ~1e-15 (float summation order
   only; tests/test_metrics_sharded.py checks 1e-9 against sklearn on real gloo ranks).
 - GAUC is NaN when no user has both a click and a non-click (leave-one-out valid/test splits
