@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -62,10 +63,26 @@ def is_user_error(exc: BaseException) -> bool:
                for c in type(exc).__mro__)
 
 
+_WORKER = re.compile(r"Caught \w+ in (DataLoader worker process \d+)\.\s*\nOriginal Traceback")
+
+
 def one_line(exc: BaseException) -> str:
-    """The exception's message on one line (inner line breaks become "; ")."""
-    parts = [p.strip() for p in str(exc).splitlines() if p.strip()]
-    return "; ".join(parts) or type(exc).__name__
+    """The exception's message on one line (inner line breaks become "; "). An error
+    re-raised from a DataLoader worker carries the worker's whole traceback in its message:
+    only the original message is kept, with the worker named."""
+    text = str(exc)
+    worker = _WORKER.match(text)
+    if worker:
+        lines = text.splitlines()
+        last_frame = max(i for i, x in enumerate(lines) if x.startswith("  "))
+        head, *rest = lines[last_frame + 1:] or [type(exc).__name__]
+        cls, sep, msg = head.partition(": ")
+        if sep and cls.rpartition(".")[2] == type(exc).__name__:
+            head = msg
+        text = "\n".join([head, *rest])
+    parts = [p.strip() for p in text.splitlines() if p.strip()]
+    where = f" (in {worker.group(1)})" if worker else ""
+    return ("; ".join(parts) or type(exc).__name__) + where
 
 
 def _world() -> tuple[int, int]:

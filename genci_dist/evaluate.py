@@ -63,7 +63,10 @@ def _evaluate(argv: list[str]) -> int:
         raise ConfigError(f"--checkpoint {one_line(e)}") from e
     if args.batch_size < 0:
         raise ConfigError(f"--batch-size must be >= 0, got {args.batch_size}")
-    env = DistEnv.init(cfg.train.device, keep_freed=cfg.train.keep_freed_memory)
+    try:
+        env = DistEnv.init(cfg.train.device, keep_freed=cfg.train.keep_freed_memory)
+    except ValueError as e:  # a device this machine does not have
+        raise ConfigError(f"train.device: {e}") from e
     try:
         size = args.batch_size or cfg.data.eval_batch_size
         if size < env.world_size:

@@ -59,14 +59,18 @@ def parse_args(argv: Sequence[str]) -> tuple[str | None, list[str]]:
 def _train(args: list[str]) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from genci_dist.config import load_config
+    from genci_dist.config import ConfigError, load_config
 
     config_path, overrides = parse_args(args)
     cfg = load_config(config_path, overrides)
     from genci_dist.runtime.distributed import DistEnv
     from genci_dist.runtime.trainer import Trainer
 
-    env = DistEnv.init(cfg.train.device, require_pg=True, keep_freed=cfg.train.keep_freed_memory)
+    try:
+        env = DistEnv.init(cfg.train.device, require_pg=True,
+                           keep_freed=cfg.train.keep_freed_memory)
+    except ValueError as e:  # a device this machine does not have
+        raise ConfigError(f"train.device: {e}") from e
     try:
         cfg.check_world_size(env.world_size)
         Trainer(cfg, env).fit()

@@ -72,6 +72,9 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
      "genci-train: error: command line: --train.lrr: unknown key (did you mean 'lr'?); …"),
     ("wrong type", lambda r: _train(r, "--train.epochs", "2.5"),
      "genci-train: error: command line: --train.epochs: expected an integer, got 2.5"),
+    ("a device this machine lacks", lambda r: _train(r, "--train.device", "cuda"),
+     "genci-train: error: train.device: device = 'cuda' but this machine has no usable CUDA "
+     "device (use 'auto' or 'cpu')"),
     ("missing config file", lambda r: ["train", "--config", str(r / "nope.toml")],
      "genci-train: error: {run}/nope.toml: config file not found"),
     ("foreign checkpoint (resume under another model)",
@@ -138,6 +141,11 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(
     before = _snapshot(run)
     capfd.readouterr()
     prog, *args = argv(run)
+    if "cuda" in args:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a CUDA device")
     rc = _entry(prog)(args)
     err = capfd.readouterr().err
     lines = [x for x in err.splitlines() if x.strip()]
@@ -309,3 +317,24 @@ def test_a_bug_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
 
     with pytest.raises(KeyError):
         run_cli("genci-train", bug, [])
+
+
+def test_a_reader_workers_error_keeps_only_its_message() -> None:
+    """A DataLoader worker's DatasetError comes back with the worker's traceback in its
+    message; the user's line keeps the original message and names the worker."""
+    from torch.utils.data import DataLoader, Dataset
+
+    from data_pipes.schema import DatasetError
+
+    class Bad(Dataset):
+        def __len__(self) -> int:
+            return 2
+
+        def __getitem__(self, i: int) -> int:
+            raise DatasetError("shard-00001.parquet: row 7: label 3 is not 0/1")
+
+    with pytest.raises(DatasetError) as e:
+        list(DataLoader(Bad(), num_workers=1))
+    assert "Traceback" in str(e.value) and is_user_error(e.value)
+    assert one_line(e.value) == ("shard-00001.parquet: row 7: label 3 is not 0/1 "
+                                 "(in DataLoader worker process 0)")
