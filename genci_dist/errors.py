@@ -74,7 +74,7 @@ def one_line(exc: BaseException) -> str:
     worker = _WORKER.match(text)
     if worker:
         lines = text.splitlines()
-        last_frame = max(i for i, x in enumerate(lines) if x.startswith("  "))
+        last_frame = max((i for i, x in enumerate(lines) if x.startswith("  ")), default=1)
         head, *rest = lines[last_frame + 1:] or [type(exc).__name__]
         cls, sep, msg = head.partition(": ")
         if sep and cls.rpartition(".")[2] == type(exc).__name__:

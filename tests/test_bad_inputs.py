@@ -226,10 +226,12 @@ def test_world_size_checks(batch: int, world: int, ok: bool) -> None:
 def test_user_errors_are_recognised_by_class() -> None:
     from data_pipes.schema import DatasetError
     from genci_dist.analysis.volatility import AnalysisError
+    from genci_dist.runtime.checkpoint import CheckpointError
     from genci_dist.tokenizer.embed import EmbeddingError
     from genci_dist.tokenizer.semantic_ids import SemanticIdError
 
-    for cls in (ConfigError, DatasetError, AnalysisError, EmbeddingError, SemanticIdError):
+    for cls in (ConfigError, DatasetError, AnalysisError, EmbeddingError, SemanticIdError,
+                CheckpointError):
         assert is_user_error(cls("x"))
     assert not is_user_error(ValueError("x")) and not is_user_error(RuntimeError("x"))
 
@@ -338,3 +340,34 @@ def test_a_reader_workers_error_keeps_only_its_message() -> None:
     assert "Traceback" in str(e.value) and is_user_error(e.value)
     assert one_line(e.value) == ("shard-00001.parquet: row 7: label 3 is not 0/1 "
                                  "(in DataLoader worker process 0)")
+
+
+def test_damaged_checkpoint_is_one_line_and_left_as_it_was(
+        run: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every checkpoint of a run damaged (.metadata overwritten): evaluate and a resuming
+    train each end in one CheckpointError line, exit 2, and change no file of the run."""
+    import shutil
+
+    from genci_dist.evaluate import main as evaluate
+    from genci_dist.train import main as train
+
+    monkeypatch.delenv("GENCI_DEBUG", raising=False)
+    monkeypatch.chdir(ROOT)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run, damaged, symlinks=True)
+    metas = list((damaged / "checkpoints").glob("step-*/.metadata"))
+    assert metas
+    for m in metas:
+        m.write_bytes(b"garbage\n")
+    before = _snapshot(damaged)
+    capfd.readouterr()
+    for prog, entry, argv in (
+            ("genci-evaluate", evaluate, ["--checkpoint", str(damaged)]),
+            ("genci-train", train, ["--config", DEBUG, "--train.run_dir", str(damaged),
+                                    "--checkpoint.resume", "auto"])):
+        rc = entry(argv)
+        lines = [x for x in capfd.readouterr().err.splitlines() if x.strip()]
+        assert rc == 2 and len(lines) == 1, lines
+        assert _matches(lines[0], f"{prog}: error: {damaged}/checkpoints: …damaged…"), lines
+    assert _snapshot(damaged) == before
