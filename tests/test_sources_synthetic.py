@@ -106,8 +106,8 @@ def test_statistics_match_the_parameters() -> None:
     """An s = 1 catalogue and 40,000 users (≈ 368k interactions) against the analytic values:
     interactions per user 5 + 4.2, positive rate 0.3·0.25 + 0.7·0.85 = 0.67 (0.67 / 0.89
     after dropping rating 3, a third of the negatives; 9.2 · 0.89 samples per user), next
-    item on the previous item's topic 0.7²·0.8 + (1 - 0.7²)/40 (no drift step is 0 with
-    probability 0.75 + 0.25/5), and per-topic popularity: share of rank r = r^-a / H_c, so
+    item on the previous item's topic 0.7²·0.8 + (1 - 0.7²)/40 (the walk stays on its topic
+    with probability 0.75 + 0.25/5 = 0.8), and per-topic popularity: share of rank r = r^-a / H_c, so
     the pooled rank-frequency slope is -a."""
     a = synthetic.POP_EXPONENT
     cat = synthetic.make_catalogue(24_588, seed=3)

@@ -193,6 +193,8 @@ def make_chunk(job: ChunkJob, k: int, cat: Catalogue, features: list[FeatureSpec
     return out, int(raw.user.size)
 
 
+# A pool worker's inputs, set once per worker process by the pool initializer (with fork the
+# catalogue is inherited, not pickled).
 _WORKER: tuple[ChunkJob, Catalogue, list[FeatureSpec]] | None = None
 
 
