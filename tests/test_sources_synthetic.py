@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import data_pipes.sources.synthetic as synthetic
-from data_pipes.prepare import main
+from data_pipes.prepare import _parser, main
 from data_pipes.protocol import apply_label_rule
 
 
@@ -38,7 +38,12 @@ def test_deterministic_sharded_leave_one_out(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setattr(synthetic, "CHUNK_USERS", 100)          # 6 chunks
     a = _run(tmp_path / "a")
     b = _run(tmp_path / "b")
-    w = _run(tmp_path / "w", "--workers", "2")
+    args = _parser().parse_args(["--dataset", "synthetic", "--scale", "0.01", "--out",
+                                 str(tmp_path / "w"), "--no-progress", "--seed", "7",
+                                 "--row-group-size", "500", "--shard-rows", "1200"])
+    args.workers = 2                                           # genci-prepare --workers 2
+    synthetic.prepare_synthetic(args)
+    w = json.loads((tmp_path / "w" / "manifest.json").read_text())
     capsys.readouterr()
     assert _hashes(a) == _hashes(b) == _hashes(w)
     c = _run(tmp_path / "c", "--seed", "8")

@@ -56,7 +56,8 @@ def dataset_dir(out: Path, scale: float) -> Path:
 def generate_command(out: Path, scale: float, opts: argparse.Namespace) -> list[str]:
     return [sys.executable, "-m", "data_pipes.prepare", "--dataset", "synthetic",
             "--scale", f"{scale:g}", "--out", str(dataset_dir(out, scale)), "--force",
-            "--no-progress", "--seed", str(opts.seed), "--workers", str(opts.workers)]
+            "--no-progress", "--seed", str(opts.seed),
+            *(["--workers", str(opts.workers)] if opts.workers != 1 else [])]
 
 
 def read_command(out: Path, scale: float, opts: argparse.Namespace) -> list[str]:
