@@ -66,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--row-group-size", type=int, default=8192)
     p.add_argument("--shard-rows", type=int, default=1 << 18)
     p.add_argument("--scale", type=float, default=1.0, help="synthetic scale factor")
+    p.add_argument("--workers", type=int, default=1,
+                   help="synthetic: processes generating chunks (same files for any value)")
     p.add_argument("--seed", type=int, default=2024)
     p.add_argument("--force", action="store_true", help="replace an existing prepared dataset")
     p.add_argument("--no-progress", action="store_true")
@@ -136,7 +138,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "history": "earlier positives of the user, most recent max_history, oldest first",
                 **extra}
     with tqdm(total=len(samples), desc=f"writing {name}", unit="rows",
-              disable=args.no_progress) as bar:
+              disable=True if args.no_progress else None) as bar:
         manifest = write_dataset(Path(args.out), dataset=name, protocol=protocol,
                                  samples=samples, user=user, item=item,
                                  row_group_size=args.row_group_size, shard_rows=args.shard_rows,
