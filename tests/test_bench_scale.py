@@ -69,3 +69,12 @@ def test_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert main(["--scales", "1,x", "--out", str(tmp_path / "c")]) == 2
     assert "is not a comma list" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_genci_bench_scale_subcommand_dispatches(capsys) -> None:
+    """`genci-bench scale ...` is this benchmark (its own arguments, its own errors)."""
+    from genci_dist.bench.cli import main as bench_main
+
+    assert bench_main(["scale", "--stages", "bogus", "--scales", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown stage" in err[0] and "bogus" in err[0]

@@ -365,7 +365,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     starts (`--debug` or GENCI_DEBUG=1: with the traceback; see genci_dist/errors.py)."""
     from genci_dist.errors import run_cli
 
-    return run_cli("genci-bench", _bench, argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["scale"]:  # genci-bench scale ...: the data-path stages at growing sizes
+        from genci_dist.bench import scale
+
+        return scale.main(args[1:])
+    return run_cli("genci-bench", _bench, args)
 
 
 def _bench(argv: list[str]) -> int:

@@ -124,7 +124,7 @@ def growth_exponent(x: Sequence[float], y: Sequence[float]) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m genci_dist.bench.scale",
+    p = argparse.ArgumentParser(prog="genci-bench scale",
                                 description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n", 1)[1])
