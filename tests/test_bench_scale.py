@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -78,3 +79,14 @@ def test_genci_bench_scale_subcommand_dispatches(capsys) -> None:
     assert bench_main(["scale", "--stages", "bogus", "--scales", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown stage" in err[0] and "bogus" in err[0]
+
+
+def test_peak_rss_is_the_stage_s_not_the_launching_process_s(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]
+                                                             ) -> None:
+    """Linux carries a forking parent's RSS high-water mark across exec into the child's
+    ru_maxrss; the stage's figure must not be the launcher's (here a 0.6 GB one)."""
+    big = np.ones(600 * 2**20 // 8)  # resident: 0.6 GB in this process
+    assert main(["--stages", "generate", "--scales", "0.01", "--out", str(tmp_path)]) == 0
+    gen = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert big.sum() > 0 and 0.02 < gen["peak_rss_gb"] < 0.4

@@ -10,8 +10,12 @@ so its figures are its own: one JSON line per (stage, s) with
     stage_s        the time the stage itself reports (its work only)
     cpu_s          user + system CPU seconds of the subprocess (and its reaped children):
                    on a loaded machine a steadier figure than the wall times
-    peak_rss_gb    ru_maxrss of that subprocess from os.wait4 (Linux: the largest of it and
-                   its waited-for children, e.g. the generator's --workers; not their sum)
+    peak_rss_gb    the largest peak RSS of one process of the stage: the child's own VmHWM
+                   (read by the child itself at its end) or its reaped children's ru_maxrss
+                   (the generator's --workers; not their sum). Not os.wait4's ru_maxrss of
+                   the child: Linux carries the forking parent's high-water mark across
+                   exec, so a child started from a large process (a test runner, a trainer)
+                   would report the parent's peak.
     bytes          bytes on disk of the dataset folder after the stage
     interactions   interactions generated (before the label rule), from the manifest
     samples        rows written / read; load1 = the 1-minute load average at the start
@@ -91,12 +95,44 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
 
+# Runs `python -m MODULE ARGS` in this interpreter, then writes the process's own peak RSS
+# (VmHWM: this mm's high-water mark, which exec reset) and its reaped children's to argv[1].
+_PEAK_WRAPPER = '''
+import json, resource, runpy, sys
+peak_file, module = sys.argv[1], sys.argv[3]
+sys.argv = [module] + sys.argv[4:]
+code = 0
+try:
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+except SystemExit as e:
+    code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+finally:
+    hwm = 0
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            hwm = int(line.split()[1])
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    with open(peak_file, "w") as f:
+        json.dump({"self_kib": hwm, "children_kib": kids}, f)
+sys.exit(code)
+'''
+
+
+def _peak_kib(cmd: list[str], peak_file: Path) -> list[str]:
+    """`cmd` (`python -m MODULE ...`) wrapped so that the child reports its own peak RSS."""
+    if cmd[1:2] != ["-m"]:
+        raise ValueError(f"stage commands are `python -m MODULE ...`, got {cmd[:3]}")
+    return [cmd[0], "-c", _PEAK_WRAPPER, str(peak_file), *cmd[1:]]
+
+
 def run_stage(stage: str, cmd: list[str], data: Path, scale: float) -> dict[str, Any]:
     """Runs `cmd` as a child and returns its measurement line. The child prints one JSON
     document on stdout (genci-prepare's summary, or read_pass's dict)."""
     load1 = os.getloadavg()[0]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    peak_file = data.parent / f".peak-{stage}-{os.getpid()}.json"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(_peak_kib(cmd, peak_file), stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     text = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -106,12 +142,14 @@ def run_stage(stage: str, cmd: list[str], data: Path, scale: float) -> dict[str,
         raise RuntimeError(f"stage {stage} at s={scale:g} failed (exit {proc.returncode}): "
                            f"{' '.join(cmd)}")
     child = json.loads(text)
+    peak = json.loads(peak_file.read_text())
+    peak_file.unlink()
     manifest = json.loads((data / MANIFEST).read_text()) if (data / MANIFEST).is_file() else {}
     interactions = manifest.get("source", {}).get("interactions")
     return {"stage": stage, "scale": scale, "wall_s": round(wall, 3),
             "stage_s": child.get("stage_s", child.get("seconds")),
             "cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
-            "peak_rss_gb": round(usage.ru_maxrss / 2**20, 3),    # KiB on Linux
+            "peak_rss_gb": round(max(peak["self_kib"], peak["children_kib"]) / 2**20, 3),
             "bytes": dir_bytes(data), "interactions": interactions,
             "samples": child.get("samples"), "load1": round(load1, 2),
             **{k: v for k, v in child.items() if k in ("samples_per_s", "batches")}}
