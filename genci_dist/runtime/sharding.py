@@ -5,6 +5,19 @@ ROW_WISE / TABLE_ROW_WISE only for CUDA, although both run on CPU, so `_AllTypes
 re-open them; fbgemm's CPU kernels fuse only EXACT_SGD / EXACT_ADAGRAD /
 EXACT_ROWWISE_ADAGRAD into backward (fused Adam asserts); a FUSED kernel with no optimizer
 silently runs SGD at lr 0.01, so the optimizer is always passed explicitly.
+
+Memory. The planner plans against the real per-rank memory: `sharding.memory_budget_gb` (0 =
+host RAM / local ranks; on CUDA the device's memory) less RUNTIME_RESERVE_GB is each rank's
+Topology capacity (on CPU TorchRec stores tables in `ddr`; its `hbm` is 0). Its storage
+estimate gets the fused optimizer's state added (TorchRec counts none for fused_params), and
+the per-rank total (tables + TorchRec's dense/input reservation + the runtime reserve) is
+printed under the plan and saved in RUN/plan.txt; measured on DeepFM with a 10^8-row item
+table on 2 ranks it is within 3 % of each rank's RSS (16 wide: 4.00 GB estimated, 3.91-3.96
+GB measured; 32 wide: 7.20 vs 7.17). Planning runs on the meta-device model, so a model that
+cannot fit fails on every rank (MemoryBudgetError, a ConfigError) before DMP allocates
+anything, naming the tables, their sizes and the budget. `sharding.table_dtype = "fp16"`
+halves the fused tables' weights. Tables of OWN_TBE_BYTES or more get a TBE of their own, so
+checkpointing writes their shard without copying it (see there).
 """
 
 from __future__ import annotations
