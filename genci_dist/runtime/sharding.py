@@ -238,7 +238,7 @@ class TableSize:
         return self.weight_bytes + self.state_bytes
 
     def describe(self) -> str:
-        state = f" + {_gb(self.state_bytes)} state" if self.state_bytes else ""
+        state = f" + {_gb(self.state_bytes)} state" if self.state_bytes >= 1e6 else ""
         return f"{self.name} {self.rows}×{self.cols} {self.dtype} = {_gb(self.weight_bytes)}{state}"
 
 
