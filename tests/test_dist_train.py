@@ -101,7 +101,8 @@ def test_resume_continues_with_the_same_losses(tiny_dataset: Path, tmp_path: Pat
 
 
 def _plan_types(run: Path) -> dict[str, str]:
-    rows = [line.split() for line in (run / "plan.txt").read_text().splitlines()[1:]]
+    table = (run / "plan.txt").read_text().split("\n\n")[0]  # the memory estimate follows
+    rows = [line.split() for line in table.splitlines()[1:]]
     return {r[1]: r[2] for r in rows}
 
 

@@ -49,7 +49,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
@@ -60,6 +59,7 @@ from torchrec.distributed.types import ShardingPlan
 from genci_dist.config import JobConfig, load_config
 from genci_dist.config_loader import ConfigError, to_plain
 from genci_dist.model.config import ModelConfig
+from genci_dist.runtime.dcp_reader import NoCopyReader
 from genci_dist.runtime.distributed import DistEnv
 from genci_dist.runtime.sharding import plan_to_dict
 
@@ -106,8 +106,10 @@ def read_dcp_metadata(path: Path) -> Metadata:
     return md
 
 
-class SafeReader(FileSystemReader):
-    """FileSystemReader whose `.metadata` goes through `_MetadataUnpickler`."""
+class SafeReader(NoCopyReader):
+    """DCP's file reader whose `.metadata` goes through `_MetadataUnpickler`, and which reads a
+    whole stored tensor straight into its destination (`NoCopyReader`: loading a checkpoint
+    does not hold a second copy of a table shard)."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         md = read_dcp_metadata(Path(self._get_metadata_path(kwargs.get("rank"))))
@@ -220,11 +222,17 @@ def _read_meta(ckpt: Path) -> dict[str, Any]:
 def inspect_checkpoint(ckpt: str | Path, train_state: bool = False) -> dict[str, Any]:
     """meta.json of a complete, readable checkpoint folder, else CheckpointError (one line):
     meta.json parses, `.metadata` unpickles safely, every shard it names is there and long
-    enough, and (train_state) train_state.pt loads safely. Reads no tensor data."""
+    enough, and (train_state) train_state.pt loads safely. Reads no tensor data.
+
+    A folder that is not one of the trainer's `step-N` checkpoints and holds a bare DCP save
+    (`.metadata`, no meta.json: e.g. initial weights written with `dcp.save`) passes with
+    meta {} — its weights load (`load_model_sharded`); its config does not exist."""
     ckpt = Path(ckpt)
     if not ckpt.is_dir():
         raise CheckpointNotFound(f"{ckpt}: no checkpoint folder")
-    meta = _read_meta(ckpt)
+    bare = (not (ckpt / META).exists() and (ckpt / DCP_METADATA).is_file()
+            and not ckpt.name.startswith("step-") and not train_state)
+    meta = {} if bare else _read_meta(ckpt)
     md_path = ckpt / DCP_METADATA
     if not md_path.is_file():
         raise CheckpointError(f"{ckpt}: DCP {DCP_METADATA} is missing")

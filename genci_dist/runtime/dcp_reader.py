@@ -9,7 +9,7 @@ record into the destination, CHUNK bytes at a time (1-rank 1.28 GB shard: +1.28 
 peak RSS during dcp.load, values identical). Every other item (a shard read partially after
 resharding, bytes items, another dtype) takes DCP's own path.
 
-Not wired in here: genci_dist/runtime/checkpoint.py's SafeReader can derive from it.
+genci_dist/runtime/checkpoint.py's SafeReader derives from it.
 """
 from __future__ import annotations
 

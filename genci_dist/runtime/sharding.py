@@ -579,8 +579,8 @@ def describe_plan(plan: ShardingPlan) -> str:
             lines.append(f"{module:<28} {table:<22} {ps.sharding_type:<16} "
                          f"{ps.compute_kernel:<8} {ps.ranks}")
     memory = getattr(plan, "memory", None)
-    if memory is not None:
-        lines.append(memory.describe())
+    if memory is not None:  # after a blank line: the table above stays one row per table
+        lines += ["", memory.describe()]
     return "\n".join(lines)
 
 
