@@ -11,11 +11,19 @@ is the same for any number of workers, and `state_dict()` (epoch, next batch per
 resumes mid-epoch exactly.
 
 Length bucketing (`bucket_window` = W > 0, training only): the rank's batches are taken W at
-a time; the samples of those W batches are sorted by history length (stable, so ties keep
-the shuffled order), cut again into the same W batch sizes, and the W batches are put in a
-seeded random order. A batch then pads to a similar length (the collate pads to the longest
-history in the batch), the epoch still holds every sample exactly once, every rank runs the
-same steps, and the order stays a pure function of (seed, epoch, rank), so resume is exact.
+a time; the samples of those W batches are sorted by history length (capped at max_history;
+stable, so ties keep the shuffled order), cut again into the same W batch sizes, and the W
+batches are put in a seeded random order. A batch then pads to a similar length (the collate
+pads to the longest history in the batch), the epoch still holds every sample exactly once,
+every rank runs the same steps, and the order stays a pure function of (seed, epoch, rank)
+and the data, so resume is exact. The plan holds no per-row state: a worker computes a
+window's batches when it reaches the window (`EpochPlan.bucket`, also on resuming inside
+it), from the history lengths of the row groups the window covers (it decodes every one of
+them, as its batches of that window almost always need them anyway), and drops them when it
+moves on. So a worker's plan is O(batches of
+the epoch) plus O(rows of one window), not O(rows of the split): before, the whole split's
+lengths were read up front, pickled to every worker and turned into positions of every
+batch (≈ 75 B per row per worker; data_pipes/bench_bucket_plan.py measures it).
 
 Each worker reads and decodes a row group once per epoch (data_pipes.collate.decode_rows) and
 keeps it until no later batch needs it, so it holds the decoded groups that one batch spans,
@@ -30,6 +38,7 @@ from __future__ import annotations
 import functools
 import multiprocessing as mp
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,16 +94,6 @@ def list_row_groups(dataset_dir: Path, split: str) -> list[RowGroup]:
     return out
 
 
-def history_lengths(groups: list[RowGroup], max_history: int | None) -> np.ndarray:
-    """History length of every row of the split (global row order), capped at max_history."""
-    out = np.empty(sum(g.rows for g in groups), dtype=np.int32)
-    for g in groups:
-        col = pq.ParquetFile(g.path).read_row_group(g.index, columns=[HISTORY]).column(0)
-        arr = col.combine_chunks()
-        out[g.offset:g.offset + g.rows] = np.diff(arr.offsets.to_numpy())
-    return out if max_history is None else np.minimum(out, max_history)
-
-
 def num_steps(n: int, world_size: int, batch_size: int, drop_last: bool = False) -> int:
     """Steps every rank runs: enough for the largest rank slice, ceil(N/W) samples; with
     drop_last, only full batches of the smallest slice, floor(N/W) samples."""
@@ -124,13 +123,15 @@ def batch_sizes(n_rank: int, steps: int, batch_size: int) -> list[int]:
 
 
 class EpochPlan:
-    """The global order of one epoch and this rank's batches within it."""
+    """The global order of one epoch and this rank's batches within it: O(groups + batches)
+    numbers, whatever the split's size. A bucketing window's batches are computed when the
+    window is reached (`bucket`), from the history lengths of the rows it covers."""
 
     def __init__(self, groups: list[RowGroup], epoch: int, seed: int, shuffle: bool, rank: int,
                  world_size: int, batch_size: int, drop_last: bool = False,
-                 bucket_window: int = 0, lengths: np.ndarray | None = None) -> None:
+                 bucket_window: int = 0) -> None:
         self.groups = groups
-        self.seed, self.epoch, self.shuffle = seed, epoch, shuffle
+        self.seed, self.epoch, self.shuffle, self.rank = seed, epoch, shuffle, rank
         n = sum(g.rows for g in groups)
         self.order = (np.random.default_rng((seed, epoch)).permutation(len(groups)) if shuffle
                       else np.arange(len(groups)))
@@ -144,34 +145,40 @@ class EpochPlan:
         else:
             bs = batch_sizes(hi - lo, steps, batch_size) if steps else []
         self.bounds = lo + np.r_[0, np.cumsum(bs)].astype(np.int64)
-        self.positions: list[np.ndarray] | None = None
-        self.window = 1     # batches whose samples are drawn from one run of the sequence
-        if bucket_window > 0 and shuffle and steps:
-            self.window = bucket_window
-            if lengths is None:
-                raise ValueError("length bucketing needs the split's history lengths")
-            self.positions = self._bucket(bucket_window, lengths)
+        self.bucketed = bucket_window > 0 and shuffle and steps > 0
+        # batches whose samples are drawn from one run of the sequence
+        self.window = bucket_window if self.bucketed else 1
 
-    def _bucket(self, window: int, lengths: np.ndarray) -> list[np.ndarray]:
-        """Sequence positions of every batch of this rank after length bucketing."""
-        rng = np.random.default_rng((self.seed, self.epoch, 1 << 20))
-        perms: dict[int, np.ndarray] = {}
-        out: list[np.ndarray] = []
-        for w0 in range(0, self.steps, window):
-            w1 = min(w0 + window, self.steps)
-            pos = np.arange(self.bounds[w0], self.bounds[w1])
-            k = np.searchsorted(self.starts, pos, side="right") - 1
-            rows = np.empty(pos.size, dtype=np.int64)
-            for kk in np.unique(k):
-                sel = k == kk
-                perm = perms.setdefault(int(kk), self.row_perm(int(kk)))
-                g = self.groups[int(self.order[kk])]
-                rows[sel] = g.offset + perm[pos[sel] - self.starts[kk]]
-            pos = pos[np.argsort(lengths[rows], kind="stable")]
-            cuts = self.bounds[w0:w1 + 1] - self.bounds[w0]
-            batches = [np.sort(pos[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
-            out.extend(batches[i] for i in rng.permutation(len(batches)))
-        return out
+    def window_groups(self, w: int) -> range:
+        """The ordered groups (k) whose rows the batches of bucketing window w hold."""
+        j0, j1 = w * self.window, min((w + 1) * self.window, self.steps)
+        lo, hi = int(self.bounds[j0]), int(self.bounds[j1])
+        if hi <= lo:
+            return range(0)
+        return range(int(np.searchsorted(self.starts, lo, side="right")) - 1,
+                     int(np.searchsorted(self.starts, hi - 1, side="right")))
+
+    def bucket(self, w: int, group: Callable[[int], tuple[np.ndarray, np.ndarray]]
+               ) -> list[np.ndarray]:
+        """Sequence positions of the batches of bucketing window w (batches w·W …), from
+        group(k) = (history length of each row of ordered group k in file order, the group's
+        row order this epoch) for the window's groups. O(rows of the window); a pure function
+        of (seed, epoch, rank, w) and the data, so any worker computes it alike at any time."""
+        j0, j1 = w * self.window, min((w + 1) * self.window, self.steps)
+        lo, hi = int(self.bounds[j0]), int(self.bounds[j1])
+        pos, lens = [], []
+        for k in self.window_groups(w):
+            s0 = int(self.starts[k])
+            a, b = max(lo, s0) - s0, min(hi, int(self.starts[k + 1])) - s0
+            hist_len, perm = group(k)
+            pos.append(np.arange(a + s0, b + s0, dtype=np.int64))
+            lens.append(hist_len[perm[a:b]])
+        p = np.concatenate(pos)
+        p = p[np.argsort(np.concatenate(lens), kind="stable")]  # ties keep the shuffled order
+        cuts = self.bounds[j0:j1 + 1] - lo
+        batches = [np.sort(p[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+        rng = np.random.default_rng((self.seed, self.epoch, 1 << 20, self.rank, w))
+        return [batches[i] for i in rng.permutation(len(batches))]
 
     def row_perm(self, k: int) -> np.ndarray:
         """Row order inside the k-th group of the epoch order."""
@@ -192,24 +199,24 @@ class EpochPlan:
             np.searchsorted(self.starts, self.bounds[js - js % self.window], side="right") - 1])
 
     def groups_in_use_order(self, batches: range) -> list[int]:
-        """The ordered groups (k) the given batches read, each once, in the order of first use."""
-        if self.positions is None:   # contiguous batches: group ranges
+        """The ordered groups (k) the given batches read, each once, in the order of first use
+        (bucketed: every group of each window they fall in, as `bucket` reads them)."""
+        if not self.bucketed:   # contiguous batches: group ranges
             k0, k1 = self._index[:2, batches.start:batches.stop:batches.step].tolist()
             return list(dict.fromkeys(k for a, b in zip(k0, k1, strict=True)
                                       for k in range(a, b + 1)))
-        if not len(batches):
-            return []
-        pos = np.concatenate([self.positions[j] for j in batches])  # bucketed: by position
-        return list(dict.fromkeys((np.searchsorted(self.starts, pos, side="right") - 1).tolist()))
+        windows = dict.fromkeys(j // self.window for j in batches)
+        return list(dict.fromkeys(k for w in windows for k in self.window_groups(w)))
 
     def first_group(self, j: int) -> int:
         """The first ordered group any batch ≥ j can still need: that of j's bucketing
         window (its batches come in random order), and group ranges only grow later."""
         return int(self._index[2, j])
 
-    def segments(self, j: int) -> list[tuple[int, np.ndarray]]:
-        """Batch j as [(ordered group k, positions inside that group's row order)]."""
-        if self.positions is None:  # a contiguous run of the sequence: cut at group starts
+    def segments(self, j: int, pos: np.ndarray | None = None) -> list[tuple[int, np.ndarray]]:
+        """Batch j as [(ordered group k, positions inside that group's row order)]; bucketed,
+        `pos` = its sequence positions (from `bucket`)."""
+        if pos is None:  # a contiguous run of the sequence: cut at group starts
             k0, k1, _ = self._index[:, j].tolist()
             lo, hi = int(self.bounds[j]), int(self.bounds[j + 1])
             out = []
@@ -217,7 +224,6 @@ class EpochPlan:
                 s0, s1 = int(self.starts[k]), int(self.starts[k + 1])
                 out.append((k, np.arange(max(lo, s0) - s0, min(hi, s1) - s0)))
             return out
-        pos = self.positions[j]
         k = np.searchsorted(self.starts, pos, side="right") - 1
         cut = np.flatnonzero(np.diff(k)) + 1
         return [(int(kk[0]), p - int(self.starts[kk[0]]))
@@ -237,6 +243,8 @@ class _WorkerCache:
     pool: ThreadPoolExecutor | None = None
     upcoming: deque[int] = field(default_factory=deque)
     pending: dict[int, Future] = field(default_factory=dict)
+    # Length bucketing: the bucketing window being served, (w, its batches' positions)
+    window: tuple[int, list[np.ndarray]] | None = None
 
 
 class StreamingSplit(IterableDataset):
@@ -265,9 +273,6 @@ class StreamingSplit(IterableDataset):
         self.columns = [USER, ITEM, LABEL, HISTORY, *(f.name for f in self.features)]
         self.groups = list_row_groups(self.dataset_dir, split)
         self.item_tokens = load_item_tokens(self.dataset_dir)[0] if with_tokens else None
-        # Per-row history lengths (capped at max_history) for bucketing, read once here from
-        # the list offsets only (workers receive them with the pickled dataset).
-        self.lengths = history_lengths(self.groups, max_history) if self.bucket_window else None
         self.epoch = 0
         self._next = 0       # next batch index of this worker's next yield
         self._resume: dict[str, Any] | None = None
@@ -279,7 +284,7 @@ class StreamingSplit(IterableDataset):
     def plan(self) -> EpochPlan:
         return EpochPlan(self.groups, self.epoch, self.seed, self.shuffle, self.rank,
                          self.world_size, self.batch_size, self.drop_last,
-                         self.bucket_window, self.lengths)
+                         self.bucket_window)
 
     def __len__(self) -> int:
         return self.plan().steps
@@ -340,13 +345,29 @@ class StreamingSplit(IterableDataset):
                            or self.item_tokens is not None)
         return rows, plan.row_perm(k)
 
+    def _lengths(self, plan: EpochPlan, cache: _WorkerCache,
+                 k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(history lengths of the k-th group's rows, capped at max_history; its row order):
+        what `EpochPlan.bucket` sorts by, from the decoded group the window's batches read."""
+        rows, perm = self._read(plan, k, cache)
+        self._top_up(plan, cache)   # keep the read-ahead thread on the window's next group
+        return rows.hist_len, perm
+
     def build(self, plan: EpochPlan, j: int, cache: _WorkerCache) -> Batch:
         first = plan.first_group(j)
         for old in [k for k in cache.groups if k < first]:
             del cache.groups[old]  # no later batch of this epoch reads it again
         self._top_up(plan, cache)
+        positions = None
+        if plan.bucketed:
+            w = j // plan.window
+            if cache.window is None or cache.window[0] != w:
+                cache.window = None     # the previous window's positions go first
+                cache.window = (w, plan.bucket(w, functools.partial(self._lengths, plan,
+                                                                    cache)))
+            positions = cache.window[1][j - w * plan.window]
         parts, row_ids = [], []
-        for k, pos in plan.segments(j):
+        for k, pos in plan.segments(j, positions):
             rows, perm = self._read(plan, k, cache)
             idx = perm[pos]      # this batch's rows of the group: a gather, no group shuffle
             parts.append((rows, idx))
