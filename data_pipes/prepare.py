@@ -68,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=float, default=1.0, help="synthetic scale factor")
     p.add_argument("--workers", type=int, default=1,
                    help="synthetic: processes generating chunks (same files for any value)")
+    p.add_argument("--partitions", type=_partitions, default=1,
+                   help="recbole: N > 1 or 'auto' = the out-of-core partitioned prepare "
+                        "(data_pipes/partitioned.py; auto: N = kept rows / --partition-rows); "
+                        "1 = in memory")
+    p.add_argument("--partition-rows", type=int, default=2_000_000,
+                   help="--partitions auto: kept interactions per partition")
     p.add_argument("--seed", type=int, default=2024)
     p.add_argument("--force", action="store_true", help="replace an existing prepared dataset")
     p.add_argument("--no-progress", action="store_true")
@@ -79,6 +85,34 @@ def _label_rule(text: str) -> LabelRule:
         return LabelRule.parse(text)
     except DatasetError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _partitions(text: str) -> int:
+    """'auto' → 0 (sized by --partition-rows), else a positive count."""
+    if text == "auto":
+        return 0
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a count >= 1 or 'auto'")
+    return int(text)
+
+
+def _partitioned(args: argparse.Namespace, generic: bool) -> dict[str, Any]:
+    from data_pipes.partitioned import prepare_partitioned
+
+    t0 = time.perf_counter()
+    if args.dataset != "recbole":
+        raise DatasetError(f"--partitions: the partitioned prepare reads RecBole atomic files "
+                           f"(--dataset recbole), not --dataset {args.dataset}")
+    with tqdm(desc="writing", unit="rows", disable=True if args.no_progress else None) as bar:
+        manifest = prepare_partitioned(
+            Path(args.atomic_dir if generic else _need_source(args)), Path(args.out),
+            shape="generic" if generic else "ml", name=args.name if generic else None,
+            rule=getattr(args, "label_rule", None), partitions=args.partitions,
+            partition_rows=args.partition_rows, split=args.split or "temporal",
+            max_history=args.max_history or 50, seed=args.seed,
+            row_group_size=args.row_group_size, shard_rows=args.shard_rows,
+            float_buckets=args.float_buckets, force=args.force, tick=bar.update)
+    return manifest_summary(manifest, time.perf_counter() - t0, args.out)
 
 
 def _movielens(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
@@ -109,6 +143,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if generic and args.source:
         raise DatasetError("--dataset recbole: give --source (MovieLens-shaped files) or "
                            "--atomic-dir (generic), not both")
+    if getattr(args, "partitions", 1) != 1:
+        return _partitioned(args, bool(generic))
     name, extra = args.dataset, {}
     if args.dataset == "synthetic":
         from data_pipes.sources.synthetic import prepare_synthetic

@@ -1,0 +1,485 @@
+"""Partitioned, out-of-core prepare of RecBole atomic interactions (`genci-prepare --dataset
+recbole ... --partitions P`): peak memory set by the partition size plus the O(users + items)
+vocabularies and side tables, never by the number of interactions.
+
+Passes (pyarrow's streaming CSV reader and Parquet files; numpy for the protocol):
+
+1. vocabulary: one streaming pass over the `.inter` keeps the distinct raw user / item ids of
+   the rows the label rule keeps; `protocol.dense_ids` over those distinct ids gives exactly
+   the in-memory path's dense ids (1..n in sorted raw order, numeric when every id is an
+   integer) and vocabularies, so the side tables are the in-memory ones.
+2. partition: a second streaming pass maps raw ids to dense ids (a hash lookup per batch) and
+   appends each kept row to one of P Parquet files by dense user range
+   (partition = (user - 1) * P // n_users), preserving file order inside a user.
+3. protocol: each partition runs the in-memory protocol (`protocol.build_samples`, which is
+   per user) and writes its valid/test rows as shards `SPLIT/part-PPPPP-KKKKK.parquet`; in file
+   name order these are exactly the in-memory path's rows in its order ((user, timestamp,
+   item)). Train rows are scattered to P buckets by a seeded uniform draw.
+4. shuffle: each train bucket is permuted (seeded) and written as `train/part-BBBBB-KKKKK`:
+   random scatter + a uniform permutation per bucket is a uniform global shuffle, as the
+   in-memory writer's, but not the same permutation (that one needs an index array over all
+   train rows); the set of train rows is identical.
+
+Row groups hold `row_group_size` rows except the last of each shard; the manifest has the same
+schema, features and counts as `writer.write_dataset`'s, so the reader and
+`genci-prepare verify` work unchanged. `--split random` draws one permutation over all
+interactions, which is not per user: it is refused for P > 1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from data_pipes.protocol import (
+    MOVIELENS,
+    Interactions,
+    LabelRule,
+    apply_label_rule,
+    build_samples,
+    dense_ids,
+)
+from data_pipes.schema import (
+    ITEM,
+    ITEMS,
+    MANIFEST,
+    SCHEMA_VERSION,
+    SPLITS,
+    USER,
+    USERS,
+    DatasetError,
+)
+from data_pipes.sources.recbole import (
+    INTER_FIELDS,
+    AtomicTable,
+    Warn,
+    _find_files,
+    _side,
+    parse_header,
+    read_atomic_file,
+    stderr_warn,
+)
+from data_pipes.writer import (
+    SideTable,
+    feature_list,
+    sample_table,
+    sha256_file,
+    side_table,
+    staging,
+)
+
+BLOCK_BYTES = 1 << 24          # CSV bytes per streamed batch
+PARTITION_ROWS = 2_000_000     # kept interactions per partition for --partitions auto
+
+
+@dataclass
+class InterBatch:
+    user: pa.Array       # raw ids (string)
+    item: pa.Array
+    value: np.ndarray    # float64: what the label rule reads
+    ts: np.ndarray       # int64
+
+
+@dataclass
+class InterSpec:
+    """How to read the `.inter`: MovieLens-shaped (rating + timestamp required, timestamps
+    truncated to int64) or generic (see sources/recbole.py)."""
+
+    path: Path
+    shape: str                      # "ml" | "generic"
+    rule: LabelRule
+    names: list[str]
+    types: list[str]
+    time_rule: str = "column 'timestamp'"
+
+
+def _header(path: Path) -> tuple[list[str], list[str]]:
+    if not path.is_file():
+        raise DatasetError(f"{path}: file not found")
+    with path.open("rb") as f:
+        line = f.readline()
+    if line.startswith(b"\xef\xbb\xbf"):
+        line = line[3:]
+    if not line.strip():
+        raise DatasetError(f"{path}: empty file (no header)")
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}:1: byte 0x{line[e.start]:02x} is not UTF-8") from None
+    return parse_header(text, str(path))
+
+
+def inter_spec(path: Path, shape: str, rule: LabelRule | None, warn: Warn) -> InterSpec:
+    names, types = _header(path)
+    need = ["user_id", "item_id"] + (["rating", "timestamp"] if shape == "ml" else [])
+    missing = [n for n in need if n not in names]
+    if missing:
+        raise DatasetError(f"{path}: missing required column(s) {missing}; header has {names}")
+    if shape == "ml":
+        return InterSpec(path, shape, rule or MOVIELENS, names, types)
+    extra = [c for c in names if c not in INTER_FIELDS]
+    if extra:
+        warn(f"{path}: column(s) {extra} ignored (interaction-level columns are not features "
+             f"of the prepared layout)")
+    if rule is None:
+        if "label" not in names:
+            raise DatasetError(f"{path}: no 'label' column; choose a label rule with "
+                               "--label-rule threshold:T | drop-band:LO-HI | implicit")
+        rule = LabelRule("label")
+    if rule.kind == "label" and "label" not in names:
+        raise DatasetError(f"{path}: missing required column(s) ['label']; header has {names}")
+    if rule.reads_rating and "rating" not in names:
+        raise DatasetError(f"{path}: label rule {rule.describe()!r} needs a 'rating' column; "
+                           f"header has {names}")
+    time_rule = ("column 'timestamp' (floor to an integer)" if "timestamp" in names
+                 else "file order")
+    return InterSpec(path, shape, rule, names, types, time_rule)
+
+
+def _floats(col: pa.Array, name: str, path: Path, row0: int) -> np.ndarray:
+    col = pc.utf8_trim_whitespace(col)
+    filled = pc.if_else(pc.equal(col, ""), "nan", col)
+    try:
+        out = pc.cast(filled, pa.float64()).to_numpy(zero_copy_only=False)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        for k, v in enumerate(filled.to_pylist()):
+            try:
+                float(v)
+            except ValueError:
+                raise DatasetError(f"{path}: data row {row0 + k + 1}: field {name!r} = {v!r} "
+                                   "is not a number") from None
+        raise DatasetError(f"{path}: field {name!r} holds values that are not numbers"
+                           ) from None
+    bad = np.flatnonzero(~np.isfinite(out))
+    if bad.size:
+        raise DatasetError(f"{path}: data row {row0 + int(bad[0]) + 1}: {name} is missing, NaN "
+                           "or inf")
+    return out
+
+
+def read_batches(spec: InterSpec, block_bytes: int = BLOCK_BYTES) -> Iterator[InterBatch]:
+    """Streams the `.inter` in batches of about `block_bytes`, checked as the in-memory
+    readers check it; errors name the file and the data row (1 = the line after the header,
+    blank lines not counted)."""
+    path = spec.path
+    try:
+        reader = pacsv.open_csv(
+            str(path),
+            read_options=pacsv.ReadOptions(column_names=spec.names, skip_rows=1,
+                                           block_size=block_bytes),
+            parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False,
+                                             newlines_in_values=False),
+            convert_options=pacsv.ConvertOptions(
+                column_types={n: pa.string() for n in spec.names}, strings_can_be_null=False))
+    except pa.ArrowException as e:
+        if "Empty CSV" in str(e):
+            raise DatasetError(f"{path}: no interactions") from None
+        raise DatasetError(f"{path}: unreadable ({e})") from None
+    row0 = 0
+    rule = spec.rule
+    while True:
+        try:
+            rb = reader.read_next_batch()
+        except StopIteration:
+            break
+        except pa.ArrowException as e:
+            raise DatasetError(f"{path}: after data row {row0}: malformed row, expected "
+                               f"{len(spec.names)} tab-separated fields or invalid UTF-8 "
+                               f"({e})") from None
+        n = rb.num_rows
+        if n == 0:
+            continue
+        cols = {name: pc.utf8_rtrim(rb.column(name), characters="\r") for name in spec.names}
+        for key in ("user_id", "item_id"):
+            empty = np.flatnonzero(pc.equal(pc.utf8_trim_whitespace(cols[key]), "")
+                                   .to_numpy(zero_copy_only=False))
+            if empty.size:
+                raise DatasetError(f"{path}: data row {row0 + int(empty[0]) + 1}: empty {key}")
+        if spec.shape == "ml":
+            value = _floats(cols["rating"], "rating", path, row0)
+            ts = _floats(cols["timestamp"], "timestamp", path, row0).astype(np.int64)
+        else:
+            if rule.kind == "label":
+                value = _floats(cols["label"], "label", path, row0)
+                bad = np.flatnonzero((value != 0) & (value != 1))
+                if bad.size:
+                    raise DatasetError(f"{path}: data row {row0 + int(bad[0]) + 1}: label "
+                                       f"{value[bad[0]]:g} is not 0 or 1")
+            elif rule.reads_rating:
+                value = _floats(cols["rating"], "rating", path, row0)
+            else:
+                value = np.ones(n, dtype=np.float64)
+            if "timestamp" in cols:
+                tsf = np.floor(_floats(cols["timestamp"], "timestamp", path, row0))
+                if np.abs(tsf).max(initial=0) >= 2.0 ** 62:
+                    row = int(np.argmax(np.abs(tsf)))
+                    raise DatasetError(f"{path}: data row {row0 + row + 1}: timestamp "
+                                       f"{tsf[row]:g} is out of range")
+                ts = tsf.astype(np.int64)
+            else:
+                ts = np.arange(row0, row0 + n, dtype=np.int64)
+        row0 += n
+        yield InterBatch(cols["user_id"], cols["item_id"], value, ts)
+
+
+class _Vocab:
+    """Distinct raw ids of a stream, merged as it goes (O(distinct ids) memory)."""
+
+    def __init__(self) -> None:
+        self.parts: list[pa.Array] = []
+        self.size = 0
+
+    def add(self, values: pa.Array) -> None:
+        u = pc.unique(values)
+        self.parts.append(u)
+        self.size += len(u)
+        if len(self.parts) > 8:
+            merged = pc.unique(pa.concat_arrays(self.parts))
+            self.parts, self.size = [merged], len(merged)
+
+    def dense(self) -> tuple[np.ndarray, pa.Array]:
+        """The in-memory path's vocabulary (dense_ids over the distinct raw ids) and the Arrow
+        value set whose index + 1 is the dense id."""
+        distinct = pc.unique(pa.concat_arrays(self.parts)) if self.parts else pa.array(
+            [], pa.string())
+        _, vocab = dense_ids(np.asarray(distinct.to_pylist(), dtype=object))
+        value_set = pa.array(vocab, pa.int64()) if vocab.dtype.kind in "iu" else pa.array(
+            [str(v) for v in vocab], pa.string())
+        return vocab, value_set
+
+
+def _to_dense(raw: pa.Array, value_set: pa.Array) -> np.ndarray:
+    keys = pc.cast(raw, pa.int64()) if value_set.type == pa.int64() else raw
+    idx = pc.index_in(keys, value_set=value_set).to_numpy(zero_copy_only=False)
+    return (idx + 1).astype(np.int32)
+
+
+def _ml_sides(spec: InterSpec, folder: Path, u_raw: list[str], i_raw: list[str]
+              ) -> tuple[SideTable, SideTable]:
+    """The MovieLens-shaped side tables, built by movielens.to_tables over a stand-in
+    interaction table holding each kept user and item once (O(users + items))."""
+    from data_pipes.sources import movielens as ml
+
+    found = {ext: sorted(folder.glob(f"*.{ext}")) for ext in ("item", "user")}
+    for ext, paths in found.items():
+        if len(paths) != 1:
+            raise DatasetError(f"{folder}: expected exactly one *.{ext} file, found "
+                               f"{[p.name for p in paths]}")
+    m = max(len(u_raw), len(i_raw))
+    pad = lambda xs: np.asarray(xs + [xs[0]] * (m - len(xs)), dtype=object)  # noqa: E731
+    rule = spec.rule
+    kept = rule.hi + 1.0 if rule.kind == "drop-band" else 1.0
+    stand_in = AtomicTable(str(spec.path), {
+        "user_id": pad(u_raw), "item_id": pad(i_raw), "rating": np.full(m, kept),
+        "timestamp": np.zeros(m)}, {"user_id": "token", "item_id": "token", "rating": "float",
+                                    "timestamp": "float"})
+    raw = ml.from_atomic(stand_in, read_atomic_file(found["item"][0]),
+                         read_atomic_file(found["user"][0]))
+    _, user, item = ml.to_tables(raw, rule)
+    return user, item
+
+
+def _write_shards(table: pa.Table, folder: Path, stem: str, root: Path,
+                  row_group_size: int, shard_rows: int, files: dict[str, Any]) -> None:
+    shard_rows = max(row_group_size, shard_rows // row_group_size * row_group_size)
+    for k, start in enumerate(range(0, table.num_rows, shard_rows)):
+        part = table.slice(start, shard_rows)
+        rel = f"{folder.name}/{stem}-{k:05d}.parquet"
+        pq.write_table(part, root / rel, row_group_size=row_group_size)
+        files[rel] = {"rows": part.num_rows,
+                      "row_groups": pq.ParquetFile(root / rel).metadata.num_row_groups}
+
+
+def prepare_partitioned(folder: Path, out_dir: Path, *, shape: str, name: str | None = None,
+                        rule: LabelRule | None = None, partitions: int = 0,
+                        partition_rows: int = PARTITION_ROWS, split: str = "temporal",
+                        max_history: int = 50, seed: int = 0, row_group_size: int = 8192,
+                        shard_rows: int = 1 << 18, float_buckets: int = 10,
+                        force: bool = False, block_bytes: int = BLOCK_BYTES,
+                        warn: Warn = stderr_warn,
+                        tick: Callable[[int], None] = lambda n: None) -> dict[str, Any]:
+    """An atomic folder (`shape` "ml": MovieLens-shaped, one *.inter/*.item/*.user; "generic":
+    sources/recbole.py's generic source) → a prepared dataset in `out_dir`, out of core.
+    `partitions` 0 = ceil(kept interactions / partition_rows). Returns the manifest."""
+    folder = Path(folder)
+    if shape == "ml":
+        inters = sorted(folder.glob("*.inter")) if folder.is_dir() else []
+        if len(inters) != 1:
+            raise DatasetError(f"{folder}: expected exactly one *.inter file, found "
+                               f"{[p.name for p in inters]}")
+        files: dict[str, Path | None] = {"inter": inters[0]}
+        name = name or "recbole"
+    else:
+        name, files = _find_files(folder, name)
+    inter_path = files["inter"]
+    assert inter_path is not None
+    spec = inter_spec(inter_path, shape, rule, warn)
+    rule = spec.rule
+
+    # pass 1: vocabularies
+    users, items, n_raw, n_kept = _Vocab(), _Vocab(), 0, 0
+    for b in read_batches(spec, block_bytes):
+        keep = pa.array(rule.keep(b.value))
+        users.add(pc.filter(b.user, keep))
+        items.add(pc.filter(b.item, keep))
+        n_raw += len(b.value)
+        n_kept += int(keep.true_count)
+    if n_raw == 0:
+        raise DatasetError(f"{inter_path}: no interactions")
+    if n_kept == 0:
+        raise DatasetError(f"{inter_path}: no interactions left after the label rule "
+                           f"({rule.describe()})")
+    u_vocab, u_set = users.dense()
+    i_vocab, i_set = items.dense()
+    del users, items
+    n_users = len(u_vocab)
+    p = partitions if partitions > 0 else max(1, math.ceil(n_kept / partition_rows))
+    p = min(p, n_users)
+    if split == "random" and p > 1:
+        raise DatasetError("--split random draws one permutation over all interactions (not "
+                           "per user): use --partitions 1")
+
+    if shape == "ml":
+        user, item = _ml_sides(spec, folder, [str(v) for v in u_set.to_pylist()],
+                               [str(v) for v in i_set.to_pylist()])
+        source: dict[str, Any] = {"path": str(folder)}
+        extra: dict[str, Any] = {}
+    else:
+        tables = {ext: (read_atomic_file(q) if q is not None else None)
+                  for ext, q in files.items() if ext != "inter"}
+        dropped: dict[str, str] = {}
+        taken: set[str] = set()
+        user = _side(tables["user"], "user_id", u_vocab, "user", float_buckets, taken, warn,
+                     dropped, text=False)
+        item = _side(tables["item"], "item_id", i_vocab, "item", float_buckets, taken, warn,
+                     dropped, text=True)
+        del tables
+        source = {"path": str(folder), "name": name,
+                  "files": {q.name: sha256_file(q) for q in files.values() if q is not None},
+                  "raw_interactions": n_raw, "dropped": dropped}
+        extra = {"timestamp": spec.time_rule}
+    source.update({"interactions": n_raw, "partitions": p})
+    features = feature_list(user, item)
+    protocol = {"label_rule": rule.describe(),
+                "ordering": "per user by (timestamp, dense item id = sorted raw id)",
+                "split": split, "max_history": max_history, "seed": seed,
+                "history": "earlier positives of the user, most recent max_history, oldest first",
+                **extra}
+
+    out: dict[str, Any] = {}
+    counts: dict[str, Any] = {s: {"rows": 0, "positives": 0, "hist": 0} for s in SPLITS}
+    with staging(Path(out_dir), force) as tmp:
+        work = tmp / "_work"
+        work.mkdir()
+        for s in SPLITS:
+            (tmp / s).mkdir()
+        # pass 2: partition by dense user range
+        schema = pa.schema([("u", pa.int32()), ("i", pa.int32()), ("v", pa.float64()),
+                            ("t", pa.int64())])
+        writers = [pq.ParquetWriter(work / f"inter-{k:05d}.parquet", schema) for k in range(p)]
+        try:
+            for b in read_batches(spec, block_bytes):
+                keep = rule.keep(b.value)
+                mask = pa.array(keep)
+                u = _to_dense(pc.filter(b.user, mask), u_set)
+                i = _to_dense(pc.filter(b.item, mask), i_set)
+                v, t = b.value[keep], b.ts[keep]
+                part = ((u.astype(np.int64) - 1) * p) // n_users
+                order = np.argsort(part, kind="stable")
+                bounds = np.searchsorted(part[order], np.arange(p + 1))
+                for k in range(p):
+                    sel = order[bounds[k]:bounds[k + 1]]
+                    if sel.size:
+                        writers[k].write_table(pa.table(
+                            [pa.array(u[sel]), pa.array(i[sel]), pa.array(v[sel]),
+                             pa.array(t[sel])], schema=schema))
+        finally:
+            for w in writers:
+                w.close()
+        # pass 3: the protocol per partition; valid/test written, train scattered
+        for k in range(p):
+            path = work / f"inter-{k:05d}.parquet"
+            x = pq.read_table(path)
+            path.unlink()
+            if x.num_rows == 0:
+                continue
+            inter = Interactions(*(x.column(c).to_numpy() for c in ("u", "i", "v", "t")))
+            del x
+            kept, label = apply_label_rule(inter, rule)
+            samples = build_samples(kept, label, split=split,  # type: ignore[arg-type]
+                                    max_history=max_history, seed=seed)
+            del inter, kept, label
+            hist_len = np.diff(samples.hist_offsets)
+            for code, s in enumerate(SPLITS):
+                idx = np.flatnonzero(samples.split == code)
+                c = counts[s]
+                c["rows"] += int(idx.size)
+                c["positives"] += int(samples.label[idx].sum())
+                c["hist"] += int(hist_len[idx].sum())
+                if not idx.size:
+                    continue
+                table = sample_table(samples.take(idx), user, item, features)
+                if s != "train":
+                    _write_shards(table, tmp / s, f"part-{k:05d}", tmp, row_group_size,
+                                  shard_rows, out)
+                    tick(table.num_rows)
+                    continue
+                bucket = np.random.default_rng([seed, 1, k]).integers(0, p, size=idx.size)
+                order = np.argsort(bucket, kind="stable")
+                bounds = np.searchsorted(bucket[order], np.arange(p + 1))
+                for j in range(p):
+                    if bounds[j + 1] > bounds[j]:
+                        pq.write_table(table.take(pa.array(order[bounds[j]:bounds[j + 1]])),
+                                       work / f"train-{j:05d}-{k:05d}.parquet")
+            del samples
+        # pass 4: each train bucket permuted and written
+        for j in range(p):
+            parts = sorted(work.glob(f"train-{j:05d}-*.parquet"))
+            if not parts:
+                continue
+            table = pa.concat_tables([pq.read_table(q) for q in parts])
+            for q in parts:
+                q.unlink()
+            perm = np.random.default_rng([seed, 2, j]).permutation(table.num_rows)
+            _write_shards(table.take(pa.array(perm)), tmp / "train", f"part-{j:05d}", tmp,
+                          row_group_size, shard_rows, out)
+            tick(table.num_rows)
+            del table
+        shutil.rmtree(work)
+        total = sum(counts[s]["rows"] for s in SPLITS)
+        if total == 0:
+            raise DatasetError(f"{name}: no samples to write")
+        summary: dict[str, Any] = {"samples": total, "users": len(user.raw_ids),
+                                   "items": len(item.raw_ids), "n_users": len(user.raw_ids),
+                                   "n_items": len(item.raw_ids)}
+        for s in SPLITS:
+            c = counts[s]
+            summary[s] = {"rows": c["rows"], "positives": c["positives"],
+                          "positive_rate": c["positives"] / c["rows"] if c["rows"] else 0.0,
+                          "avg_history": c["hist"] / c["rows"] if c["rows"] else 0.0}
+        pq.write_table(side_table(item, ITEM, features, "item"), tmp / ITEMS)
+        pq.write_table(side_table(user, USER, features, "user"), tmp / USERS)
+        out[ITEMS] = {"rows": len(item.raw_ids)}
+        out[USERS] = {"rows": len(user.raw_ids)}
+        for rel in out:
+            out[rel]["bytes"] = (tmp / rel).stat().st_size
+            out[rel]["sha256"] = sha256_file(tmp / rel)
+        summary["positive_rate"] = sum(counts[s]["positives"] for s in SPLITS) / total
+        summary["avg_history"] = sum(counts[s]["hist"] for s in SPLITS) / total
+        manifest = {"schema_version": SCHEMA_VERSION, "dataset": name, "protocol": protocol,
+                    "counts": summary, "features": [f.to_json() for f in features],
+                    "row_group_size": row_group_size, "files": dict(sorted(out.items())),
+                    "source": source}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return manifest
