@@ -10,6 +10,7 @@ overrides win over the file.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -94,6 +95,40 @@ def quality_report(codes: np.ndarray, x: np.ndarray, x_hat: np.ndarray,
             "items_with_duplicate_embedding": int((cnt[inv.reshape(-1)] > 1).sum())}
 
 
+def duplicate_rows(x: np.ndarray, batch_size: int = 65536) -> int:
+    """How many rows of x [M, D] equal another row (by a 128-bit hash of their bytes, read
+    in batches: memory O(M) for the hashes instead of a sort of the whole array)."""
+    import hashlib
+
+    from genci_dist.tokenizer.rqvae import _drop_pages
+
+    keys = np.empty((x.shape[0], 2), dtype=np.uint64)
+    for lo in range(0, x.shape[0], batch_size):
+        xb = np.ascontiguousarray(x[lo:lo + batch_size])
+        for i, row in enumerate(xb):
+            keys[lo + i] = np.frombuffer(hashlib.blake2b(row.tobytes(), digest_size=16).digest(),
+                                         dtype=np.uint64)
+        _drop_pages(x)
+    _, inv, cnt = np.unique(keys, axis=0, return_inverse=True, return_counts=True)
+    return int((cnt[inv.reshape(-1)] > 1).sum())
+
+
+def scaled_quality_report(codes: np.ndarray, sq_err: float, sq_dev: float, n_values: int,
+                          n_duplicates: int, codebook_size: int) -> dict[str, Any]:
+    """`quality_report` from batched sums (the sampled path never holds x̂ for all items)."""
+    from genci_dist.tokenizer.semantic_ids import collision_stats
+
+    util = [len(np.unique(codes[:, n])) / codebook_size for n in range(codes.shape[1])]
+    return {"n_items": int(codes.shape[0]), "recon_mse": float(sq_err / max(n_values, 1)),
+            "recon_rel": float(sq_err / max(sq_dev, 1e-30)),
+            "utilisation": [round(u, 4) for u in util], **collision_stats(codes),
+            "items_with_duplicate_embedding": n_duplicates}
+
+
+def _scaled(cfg: TokenizerConfig) -> bool:
+    return cfg.train_sample > 0 or cfg.train_steps > 0 or cfg.kmeans_sample > 0
+
+
 def tokenize_dataset(dataset_dir: str | Path, cfg: TokenizerConfig,
                      progress: bool = True) -> dict[str, Any]:
     """The whole pipeline; returns the quality report (also stored in the parquet metadata)."""
@@ -115,15 +150,24 @@ def tokenize_dataset(dataset_dir: str | Path, cfg: TokenizerConfig,
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else dataset_dir.resolve().parent / "cache"
 
     emb = embed_texts(texts, cfg.model, cache_dir, batch_size=cfg.embed_batch_size,
-                      progress=progress)
+                      progress=progress, chunk_size=cfg.embed_chunk_size, mmap=_scaled(cfg))
+    del texts
     t0 = time.perf_counter()
     model, stats = train_rqvae(emb.vectors, cfg, progress=progress)
-    x = torch.from_numpy(emb.vectors)
-    codes_t, x_hat = model.tokenize(x)
-    seconds_train = time.perf_counter() - t0
-    codes = codes_t.numpy().astype(np.int32)
+    if _scaled(cfg):
+        from genci_dist.tokenizer.rqvae import assign_codes
 
-    report = quality_report(codes, emb.vectors, x_hat.numpy(), cfg.codebook_size)
+        a = assign_codes(model, emb.vectors, cfg.assign_batch_size)
+        seconds_train = time.perf_counter() - t0
+        codes = a.codes
+        report = scaled_quality_report(codes, a.sq_err, a.sq_dev, a.n_values,
+                                       duplicate_rows(emb.vectors), cfg.codebook_size)
+    else:
+        x = torch.from_numpy(emb.vectors)
+        codes_t, x_hat = model.tokenize(x)
+        seconds_train = time.perf_counter() - t0
+        codes = codes_t.numpy().astype(np.int32)
+        report = quality_report(codes, emb.vectors, x_hat.numpy(), cfg.codebook_size)
     report.update({"embedding_dim": int(emb.vectors.shape[1]), "embed_cached": emb.cached,
                    "seconds_embed": round(emb.seconds, 3), "seconds_train": round(seconds_train, 3),
                    "train_steps": stats.steps, "codes_reset": stats.codes_reset,
@@ -142,6 +186,59 @@ def tokenize_dataset(dataset_dir: str | Path, cfg: TokenizerConfig,
     return report
 
 
+def affinity_cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+class pin_threads:  # noqa: N801 - used as a context manager
+    """Caps every thread pool of the run at n (0 = the affinity mask): OMP/MKL/OpenBLAS env
+    for libraries not loaded yet, torch.set_num_threads / set_num_interop_threads, and
+    threadpoolctl for BLAS/OpenMP runtimes already loaded (numpy's, scikit-learn's). One
+    compute thread per usable core: more threads than cores is what made epochs swing 80x
+    when another process shared the machine."""
+
+    def __init__(self, n: int = 0) -> None:
+        self.n = n if n > 0 else affinity_cpus()
+        self._limits = None
+
+    _VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+    def __enter__(self) -> int:
+        self._env = {v: os.environ.get(v) for v in self._VARS}
+        for var in self._VARS:
+            os.environ[var] = str(self.n)
+        import torch
+
+        self._torch_threads = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:
+            pass  # already fixed once parallel work ran in this process
+        try:
+            from threadpoolctl import threadpool_limits
+
+            self._limits = threadpool_limits(self.n)
+        except ImportError:
+            self._limits = None
+        return self.n
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        if self._limits is not None:
+            self._limits.restore_original_limits()
+        torch.set_num_threads(self._torch_threads)
+        for var, old in self._env.items():
+            if old is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = old
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """A bad config, dataset or embedding model ends as one line on stderr and exit code 2
     (`--debug` or GENCI_DEBUG=1: with the traceback; see genci_dist/errors.py)."""
@@ -158,11 +255,18 @@ def _tokenize(argv: list[str]) -> int:
     parser.add_argument("--data", required=True, help="prepared dataset folder (manifest.json)")
     parser.add_argument("--config", default=None, help="TOML file with a [tokenizer] table")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="compute threads (torch, BLAS, OpenMP); default: the CPUs this "
+                             "process may run on (its affinity mask)")
     add_debug_flag(parser)
     args, rest = parser.parse_known_args(argv)
+    if args.threads < 0:
+        raise ConfigError(f"--threads must be >= 1 (or 0 = the affinity mask), got {args.threads}")
     cfg = load_tokenizer_config(args.config, rest)
     progress = cfg.progress_bar and not args.no_progress and sys.stderr.isatty()
-    report = tokenize_dataset(args.data, cfg, progress=progress)
+    with pin_threads(args.threads) as n_threads:
+        report = tokenize_dataset(args.data, cfg, progress=progress)
+    report["threads"] = n_threads
     print(json.dumps(report, indent=1))
     return 0
 

