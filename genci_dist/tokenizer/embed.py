@@ -186,7 +186,9 @@ def _embed_chunked(texts: list[str], model_path: Path, key: str, thash: str, cac
     done0 = int(state.get("done_chunks", 0)) if mm is not None else 0
     if mm is None:
         st = _load_model(model_path, progress)
-        dim = int(st.get_sentence_embedding_dimension())
+        get_dim = getattr(st, "get_embedding_dimension", None) or \
+            st.get_sentence_embedding_dimension  # the name before sentence-transformers 6
+        dim = int(get_dim())
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         mm = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=(n, dim))
         state = {"texts_hash": thash, "model_key": key, "n_texts": n, "dim": dim,
