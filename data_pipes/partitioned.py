@@ -483,3 +483,43 @@ def prepare_partitioned(folder: Path, out_dir: Path, *, shape: str, name: str | 
                     "source": source}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+# ---- raw synthetic interactions (the scale benchmark's input) -------------------------------
+
+RAW_USERS, RAW_ITEMS = 57_440, 24_588   # s = 1: the synthetic source's Amazon-Instrument size
+
+
+def write_raw_synthetic(path: Path, scale: float, seed: int = 0,
+                        chunk_users: int = 200_000) -> int:
+    """A RecBole `.inter` (user_id, item_id, rating 1..5, timestamp) of about 9.2 · 57,440 · s
+    interactions, written in chunks of users (memory O(chunk)); item popularity ∝ rank^-1.3
+    via inverse CDF, user ids shuffled in the file so the dense mapping has work to do.
+    Returns the number of rows. Only a size model for the benchmark: no quality claims."""
+    n_users = max(1, round(RAW_USERS * scale))
+    n_items = max(2, round(RAW_ITEMS * scale))
+    rng = np.random.default_rng(seed)
+    cdf = np.cumsum(np.arange(1, n_items + 1, dtype=np.float64) ** -1.3)
+    cdf /= cdf[-1]
+    item_of_rank = rng.permutation(n_items) + 1
+    user_ids = rng.permutation(n_users) + 1
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    rows = 0
+    opts = pacsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
+    with tmp.open("wb") as f:
+        f.write(b"user_id:token\titem_id:token\trating:float\ttimestamp:float\n")
+        for start in range(0, n_users, chunk_users):
+            r = np.random.default_rng([seed, start])
+            users = user_ids[start:start + chunk_users]
+            lengths = 4 + r.geometric(1 / 5.2, size=users.size)   # 5 + Geometric0(mean 4.2)
+            n = int(lengths.sum())
+            u = np.repeat(users, lengths)
+            item = item_of_rank[np.searchsorted(cdf, r.random(n), side="right").clip(
+                max=n_items - 1)]
+            ts = 1_000_000 + np.cumsum(r.integers(1, 5000, size=n))
+            table = pa.table({"u": u, "i": item, "r": r.integers(1, 6, size=n), "t": ts})
+            pacsv.write_csv(table, f, write_options=opts)
+            rows += n
+    tmp.rename(path)
+    return rows

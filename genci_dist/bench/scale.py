@@ -28,6 +28,11 @@ Stages (STAGES: name → the child command; add one by adding an entry):
 
     generate  `python -m data_pipes.prepare --dataset synthetic --scale s` into
               OUT/synthetic-s<s> (the real CLI, so its RSS is the generator's alone)
+    prepare   the real-data protocol out of core: raw synthetic interactions (RecBole .inter
+              in OUT/raw-s<s>, written once, not measured) through `genci-prepare --dataset
+              recbole --atomic-dir ... --label-rule drop-band:3-3 --partitions auto`
+              (2,000,000 kept rows per partition) into OUT/synthetic-s<s>
+    prepare_mem  the same with --partitions 1 (the in-memory path), for comparison
     read      one full pass of data_pipes.stream.build_loader over the train split (batch
               1024, history item ids, semantic-ID tokens if the dataset has them, shard
               hashes checked first as in training); samples_per_s over the whole pass
@@ -69,9 +74,35 @@ def read_command(out: Path, scale: float, opts: argparse.Namespace) -> list[str]
             str(dataset_dir(out, scale)), "--batch-size", str(opts.batch_size)]
 
 
+def raw_inter(out: Path, scale: float, seed: int) -> Path:
+    """OUT/raw-s<s>/synth.inter: raw synthetic interactions (data_pipes.partitioned.
+    write_raw_synthetic), written once by the benchmark's own process, outside the measure."""
+    from data_pipes.partitioned import write_raw_synthetic
+
+    path = out / f"raw-s{scale:g}" / "synth.inter"
+    if not path.is_file():
+        write_raw_synthetic(path, scale, seed)
+    return path
+
+
+def prepare_command(out: Path, scale: float, opts: argparse.Namespace,
+                    partitions: str = "auto") -> list[str]:
+    return [sys.executable, "-m", "data_pipes.prepare", "--dataset", "recbole",
+            "--atomic-dir", str(raw_inter(out, scale, opts.seed).parent),
+            "--label-rule", "drop-band:3-3", "--partitions", partitions,
+            "--out", str(dataset_dir(out, scale)), "--force", "--no-progress",
+            "--seed", str(opts.seed)]
+
+
+def prepare_mem_command(out: Path, scale: float, opts: argparse.Namespace) -> list[str]:
+    return prepare_command(out, scale, opts, partitions="1")
+
+
 STAGES: dict[str, Callable[[Path, float, argparse.Namespace], list[str]]] = {
     "generate": generate_command,
     "read": read_command,
+    "prepare": prepare_command,
+    "prepare_mem": prepare_mem_command,
 }
 
 
@@ -145,7 +176,8 @@ def run_stage(stage: str, cmd: list[str], data: Path, scale: float) -> dict[str,
     peak = json.loads(peak_file.read_text())
     peak_file.unlink()
     manifest = json.loads((data / MANIFEST).read_text()) if (data / MANIFEST).is_file() else {}
-    interactions = manifest.get("source", {}).get("interactions")
+    interactions = (manifest.get("source", {}).get("interactions")
+                    or manifest.get("source", {}).get("raw_interactions"))
     return {"stage": stage, "scale": scale, "wall_s": round(wall, 3),
             "stage_s": child.get("stage_s", child.get("seconds")),
             "cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
