@@ -30,7 +30,10 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import shutil
+import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +62,7 @@ from data_pipes.schema import (
     USER,
     USERS,
     DatasetError,
+    manifest_summary,
 )
 from data_pipes.sources.recbole import (
     INTER_FIELDS,
@@ -301,17 +305,43 @@ def _write_shards(table: pa.Table, folder: Path, stem: str, root: Path,
                       "row_groups": pq.ParquetFile(root / rel).metadata.num_row_groups}
 
 
-def prepare_partitioned(folder: Path, out_dir: Path, *, shape: str, name: str | None = None,
-                        rule: LabelRule | None = None, partitions: int = 0,
-                        partition_rows: int = PARTITION_ROWS, split: str = "temporal",
-                        max_history: int = 50, seed: int = 0, row_group_size: int = 8192,
-                        shard_rows: int = 1 << 18, float_buckets: int = 10,
-                        force: bool = False, block_bytes: int = BLOCK_BYTES,
-                        warn: Warn = stderr_warn,
-                        tick: Callable[[int], None] = lambda n: None) -> dict[str, Any]:
-    """An atomic folder (`shape` "ml": MovieLens-shaped, one *.inter/*.item/*.user; "generic":
-    sources/recbole.py's generic source) → a prepared dataset in `out_dir`, out of core.
-    `partitions` 0 = ceil(kept interactions / partition_rows). Returns the manifest."""
+@dataclass
+class Settings:
+    """Everything after the scan that the per-partition steps need (pickled in the work dir)."""
+
+    p: int
+    rule: LabelRule
+    split: str
+    max_history: int
+    seed: int
+    row_group_size: int
+    shard_rows: int
+    name: str
+    user: SideTable
+    item: SideTable
+    protocol: dict[str, Any]
+    source: dict[str, Any]
+
+
+def work_dir(out_dir: Path) -> Path:
+    """The scratch folder of a partitioned prepare of `out_dir` (shared by every rank)."""
+    out_dir = Path(out_dir)
+    return out_dir.parent / f".{out_dir.name}.partitioned"
+
+
+def _load(work: Path) -> Settings:
+    with (work / "settings.pkl").open("rb") as f:
+        return pickle.load(f)
+
+
+def scan(folder: Path, work: Path, *, shape: str, name: str | None = None,
+         rule: LabelRule | None = None, partitions: int = 0,
+         partition_rows: int = PARTITION_ROWS, split: str = "temporal", max_history: int = 50,
+         seed: int = 0, row_group_size: int = 8192, shard_rows: int = 1 << 18,
+         float_buckets: int = 10, block_bytes: int = BLOCK_BYTES, warn: Warn = stderr_warn
+         ) -> int:
+    """Passes 1 and 2: vocabularies, side tables, and the P partition files in `work` (a fresh
+    folder). Returns P."""
     folder = Path(folder)
     if shape == "ml":
         inters = sorted(folder.glob("*.inter")) if folder.is_dir() else []
@@ -370,119 +400,252 @@ def prepare_partitioned(folder: Path, out_dir: Path, *, shape: str, name: str | 
                   "raw_interactions": n_raw, "dropped": dropped}
         extra = {"timestamp": spec.time_rule}
     source.update({"interactions": n_raw, "partitions": p})
-    features = feature_list(user, item)
     protocol = {"label_rule": rule.describe(),
                 "ordering": "per user by (timestamp, dense item id = sorted raw id)",
                 "split": split, "max_history": max_history, "seed": seed,
                 "history": "earlier positives of the user, most recent max_history, oldest first",
                 **extra}
 
+    work.mkdir(parents=True)
+    for s in SPLITS:
+        (work / "out" / s).mkdir(parents=True)
+    # pass 2: partition by dense user range
+    schema = pa.schema([("u", pa.int32()), ("i", pa.int32()), ("v", pa.float64()),
+                        ("t", pa.int64())])
+    writers = [pq.ParquetWriter(work / f"inter-{k:05d}.parquet", schema) for k in range(p)]
+    try:
+        for b in read_batches(spec, block_bytes):
+            keep = rule.keep(b.value)
+            mask = pa.array(keep)
+            u = _to_dense(pc.filter(b.user, mask), u_set)
+            i = _to_dense(pc.filter(b.item, mask), i_set)
+            v, t = b.value[keep], b.ts[keep]
+            part = ((u.astype(np.int64) - 1) * p) // n_users
+            order = np.argsort(part, kind="stable")
+            bounds = np.searchsorted(part[order], np.arange(p + 1))
+            for k in range(p):
+                sel = order[bounds[k]:bounds[k + 1]]
+                if sel.size:
+                    writers[k].write_table(pa.table(
+                        [pa.array(u[sel]), pa.array(i[sel]), pa.array(v[sel]),
+                         pa.array(t[sel])], schema=schema))
+    finally:
+        for w in writers:
+            w.close()
+    settings = Settings(p, rule, split, max_history, seed, row_group_size, shard_rows, name,
+                        user, item, protocol, source)
+    with (work / "settings.pkl").open("wb") as f:
+        pickle.dump(settings, f, protocol=pickle.HIGHEST_PROTOCOL)
+    return p
+
+
+def run_partition(work: Path, k: int, tick: Callable[[int], None] = lambda n: None) -> None:
+    """Pass 3 for partition k: the protocol; valid/test shards written to work/out, train rows
+    scattered to work/train-BUCKET-k.parquet; counts and shard entries to work/part-k.json."""
+    st = _load(work)
+    features = feature_list(st.user, st.item)
+    files: dict[str, Any] = {}
+    counts: dict[str, Any] = {s: {"rows": 0, "positives": 0, "hist": 0} for s in SPLITS}
+    path = work / f"inter-{k:05d}.parquet"
+    x = pq.read_table(path)
+    if x.num_rows:
+        inter = Interactions(*(x.column(c).to_numpy() for c in ("u", "i", "v", "t")))
+        del x
+        kept, label = apply_label_rule(inter, st.rule)
+        samples = build_samples(kept, label, split=st.split,  # type: ignore[arg-type]
+                                max_history=st.max_history, seed=st.seed)
+        del inter, kept, label
+        hist_len = np.diff(samples.hist_offsets)
+        for code, s in enumerate(SPLITS):
+            idx = np.flatnonzero(samples.split == code)
+            c = counts[s]
+            c["rows"] += int(idx.size)
+            c["positives"] += int(samples.label[idx].sum())
+            c["hist"] += int(hist_len[idx].sum())
+            if not idx.size:
+                continue
+            table = sample_table(samples.take(idx), st.user, st.item, features)
+            if s != "train":
+                _write_shards(table, work / "out" / s, f"part-{k:05d}", work / "out",
+                              st.row_group_size, st.shard_rows, files)
+                tick(table.num_rows)
+                continue
+            bucket = np.random.default_rng([st.seed, 1, k]).integers(0, st.p, size=idx.size)
+            order = np.argsort(bucket, kind="stable")
+            bounds = np.searchsorted(bucket[order], np.arange(st.p + 1))
+            for j in range(st.p):
+                if bounds[j + 1] > bounds[j]:
+                    pq.write_table(table.take(pa.array(order[bounds[j]:bounds[j + 1]])),
+                                   work / f"train-{j:05d}-{k:05d}.parquet")
+    (work / f"part-{k:05d}.json").write_text(json.dumps({"counts": counts, "files": files}))
+    path.unlink()
+
+
+def run_bucket(work: Path, j: int, tick: Callable[[int], None] = lambda n: None) -> None:
+    """Pass 4 for train bucket j (after every partition's pass 3): permuted and written."""
+    st = _load(work)
+    files: dict[str, Any] = {}
+    parts = sorted(work.glob(f"train-{j:05d}-*.parquet"))
+    if parts:
+        table = pa.concat_tables([pq.read_table(q) for q in parts])
+        perm = np.random.default_rng([st.seed, 2, j]).permutation(table.num_rows)
+        _write_shards(table.take(pa.array(perm)), work / "out" / "train", f"part-{j:05d}",
+                      work / "out", st.row_group_size, st.shard_rows, files)
+        tick(table.num_rows)
+        for q in parts:
+            q.unlink()
+    (work / f"bucket-{j:05d}.json").write_text(json.dumps({"files": files}))
+
+
+def finish(work: Path, out_dir: Path, force: bool = False) -> dict[str, Any]:
+    """Side tables and manifest; publishes work/out as `out_dir` (writer.staging's rename) and
+    removes `work`. Returns the manifest."""
+    st = _load(work)
+    features = feature_list(st.user, st.item)
     out: dict[str, Any] = {}
     counts: dict[str, Any] = {s: {"rows": 0, "positives": 0, "hist": 0} for s in SPLITS}
-    with staging(Path(out_dir), force) as tmp:
-        work = tmp / "_work"
-        work.mkdir()
+    for k in range(st.p):
+        got = json.loads((work / f"part-{k:05d}.json").read_text())
+        out.update(got["files"])
         for s in SPLITS:
-            (tmp / s).mkdir()
-        # pass 2: partition by dense user range
-        schema = pa.schema([("u", pa.int32()), ("i", pa.int32()), ("v", pa.float64()),
-                            ("t", pa.int64())])
-        writers = [pq.ParquetWriter(work / f"inter-{k:05d}.parquet", schema) for k in range(p)]
-        try:
-            for b in read_batches(spec, block_bytes):
-                keep = rule.keep(b.value)
-                mask = pa.array(keep)
-                u = _to_dense(pc.filter(b.user, mask), u_set)
-                i = _to_dense(pc.filter(b.item, mask), i_set)
-                v, t = b.value[keep], b.ts[keep]
-                part = ((u.astype(np.int64) - 1) * p) // n_users
-                order = np.argsort(part, kind="stable")
-                bounds = np.searchsorted(part[order], np.arange(p + 1))
-                for k in range(p):
-                    sel = order[bounds[k]:bounds[k + 1]]
-                    if sel.size:
-                        writers[k].write_table(pa.table(
-                            [pa.array(u[sel]), pa.array(i[sel]), pa.array(v[sel]),
-                             pa.array(t[sel])], schema=schema))
-        finally:
-            for w in writers:
-                w.close()
-        # pass 3: the protocol per partition; valid/test written, train scattered
-        for k in range(p):
-            path = work / f"inter-{k:05d}.parquet"
-            x = pq.read_table(path)
-            path.unlink()
-            if x.num_rows == 0:
-                continue
-            inter = Interactions(*(x.column(c).to_numpy() for c in ("u", "i", "v", "t")))
-            del x
-            kept, label = apply_label_rule(inter, rule)
-            samples = build_samples(kept, label, split=split,  # type: ignore[arg-type]
-                                    max_history=max_history, seed=seed)
-            del inter, kept, label
-            hist_len = np.diff(samples.hist_offsets)
-            for code, s in enumerate(SPLITS):
-                idx = np.flatnonzero(samples.split == code)
-                c = counts[s]
-                c["rows"] += int(idx.size)
-                c["positives"] += int(samples.label[idx].sum())
-                c["hist"] += int(hist_len[idx].sum())
-                if not idx.size:
-                    continue
-                table = sample_table(samples.take(idx), user, item, features)
-                if s != "train":
-                    _write_shards(table, tmp / s, f"part-{k:05d}", tmp, row_group_size,
-                                  shard_rows, out)
-                    tick(table.num_rows)
-                    continue
-                bucket = np.random.default_rng([seed, 1, k]).integers(0, p, size=idx.size)
-                order = np.argsort(bucket, kind="stable")
-                bounds = np.searchsorted(bucket[order], np.arange(p + 1))
-                for j in range(p):
-                    if bounds[j + 1] > bounds[j]:
-                        pq.write_table(table.take(pa.array(order[bounds[j]:bounds[j + 1]])),
-                                       work / f"train-{j:05d}-{k:05d}.parquet")
-            del samples
-        # pass 4: each train bucket permuted and written
-        for j in range(p):
-            parts = sorted(work.glob(f"train-{j:05d}-*.parquet"))
-            if not parts:
-                continue
-            table = pa.concat_tables([pq.read_table(q) for q in parts])
-            for q in parts:
-                q.unlink()
-            perm = np.random.default_rng([seed, 2, j]).permutation(table.num_rows)
-            _write_shards(table.take(pa.array(perm)), tmp / "train", f"part-{j:05d}", tmp,
-                          row_group_size, shard_rows, out)
-            tick(table.num_rows)
-            del table
-        shutil.rmtree(work)
-        total = sum(counts[s]["rows"] for s in SPLITS)
-        if total == 0:
-            raise DatasetError(f"{name}: no samples to write")
-        summary: dict[str, Any] = {"samples": total, "users": len(user.raw_ids),
-                                   "items": len(item.raw_ids), "n_users": len(user.raw_ids),
-                                   "n_items": len(item.raw_ids)}
+            for key in ("rows", "positives", "hist"):
+                counts[s][key] += got["counts"][s][key]
+    for j in range(st.p):
+        out.update(json.loads((work / f"bucket-{j:05d}.json").read_text())["files"])
+    total = sum(counts[s]["rows"] for s in SPLITS)
+    if total == 0:
+        raise DatasetError(f"{st.name}: no samples to write")
+    with staging(Path(out_dir), force) as tmp:
+        for s in SPLITS:
+            (work / "out" / s).rename(tmp / s)
+        summary: dict[str, Any] = {"samples": total, "users": len(st.user.raw_ids),
+                                   "items": len(st.item.raw_ids),
+                                   "n_users": len(st.user.raw_ids),
+                                   "n_items": len(st.item.raw_ids)}
         for s in SPLITS:
             c = counts[s]
             summary[s] = {"rows": c["rows"], "positives": c["positives"],
                           "positive_rate": c["positives"] / c["rows"] if c["rows"] else 0.0,
                           "avg_history": c["hist"] / c["rows"] if c["rows"] else 0.0}
-        pq.write_table(side_table(item, ITEM, features, "item"), tmp / ITEMS)
-        pq.write_table(side_table(user, USER, features, "user"), tmp / USERS)
-        out[ITEMS] = {"rows": len(item.raw_ids)}
-        out[USERS] = {"rows": len(user.raw_ids)}
+        pq.write_table(side_table(st.item, ITEM, features, "item"), tmp / ITEMS)
+        pq.write_table(side_table(st.user, USER, features, "user"), tmp / USERS)
+        out[ITEMS] = {"rows": len(st.item.raw_ids)}
+        out[USERS] = {"rows": len(st.user.raw_ids)}
         for rel in out:
             out[rel]["bytes"] = (tmp / rel).stat().st_size
             out[rel]["sha256"] = sha256_file(tmp / rel)
         summary["positive_rate"] = sum(counts[s]["positives"] for s in SPLITS) / total
         summary["avg_history"] = sum(counts[s]["hist"] for s in SPLITS) / total
-        manifest = {"schema_version": SCHEMA_VERSION, "dataset": name, "protocol": protocol,
-                    "counts": summary, "features": [f.to_json() for f in features],
-                    "row_group_size": row_group_size, "files": dict(sorted(out.items())),
-                    "source": source}
+        manifest = {"schema_version": SCHEMA_VERSION, "dataset": st.name,
+                    "protocol": st.protocol, "counts": summary,
+                    "features": [f.to_json() for f in features],
+                    "row_group_size": st.row_group_size, "files": dict(sorted(out.items())),
+                    "source": st.source}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
     return manifest
+
+
+def _check_out(out_dir: Path, force: bool) -> None:
+    """writer.staging's refusals, checked before the work starts."""
+    if (out_dir / MANIFEST).exists() and not force:
+        raise DatasetError(f"{out_dir}: a prepared dataset already exists (use --force)")
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).exists() \
+            and not force:
+        raise DatasetError(f"{out_dir}: exists and is not a prepared dataset (use --force)")
+
+
+def prepare_partitioned(folder: Path, out_dir: Path, *, force: bool = False,
+                        tick: Callable[[int], None] = lambda n: None,
+                        **options: Any) -> dict[str, Any]:
+    """An atomic folder (`shape` "ml": MovieLens-shaped, one *.inter/*.item/*.user; "generic":
+    sources/recbole.py's generic source) → a prepared dataset in `out_dir`, out of core, in
+    this process: scan, every partition, every bucket, finish (`options`: scan's keywords;
+    `partitions` 0 = ceil(kept interactions / partition_rows)). Returns the manifest."""
+    out_dir = Path(out_dir)
+    _check_out(out_dir, force)
+    work = work_dir(out_dir)
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        p = scan(folder, work, **options)
+        for k in range(p):
+            run_partition(work, k, tick)
+        for j in range(p):
+            run_bucket(work, j, tick)
+        return finish(work, out_dir, force)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One rank of the distributed partitioned prepare (genci-prepare's arguments; RANK and
+    WORLD_SIZE from torchrun / TorchX dist.ddp): rank 0 scans, every rank takes partitions
+    and train buckets rank::world, rank 0 writes the manifest; ranks meet at gloo barriers and
+    share each step's outcome, so a bad input ends every rank with the same one-line error.
+    All ranks need the same filesystem (the work folder next to --out)."""
+    import os
+
+    from data_pipes.prepare import _parser
+
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    dist = None
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+    generic = bool(args.atomic_dir)
+    out_dir, work = Path(args.out), work_dir(Path(args.out))
+    t0 = time.perf_counter()
+
+    def step(fn: Callable[[], Any]) -> Any:
+        """Runs `fn` and returns its value; raises every rank's first error on every rank."""
+        err, value = "", None
+        try:
+            value = fn()
+        except DatasetError as e:
+            err = str(e)
+        if dist is not None:
+            got: list[Any] = [None] * world
+            dist.all_gather_object(got, (err, value))
+            errs = [e for e, _ in got if e]
+            err = errs[0] if errs else ""
+            value = got[0][1]
+        if err:
+            raise DatasetError(err)
+        return value
+
+    def start() -> int:
+        if args.dataset != "recbole":
+            raise DatasetError(f"the partitioned prepare reads RecBole atomic files "
+                               f"(--dataset recbole), not --dataset {args.dataset}")
+        _check_out(out_dir, args.force)
+        shutil.rmtree(work, ignore_errors=True)
+        return scan(Path(args.atomic_dir if generic else args.source or ""), work,
+                    shape="generic" if generic else "ml", name=args.name if generic else None,
+                    rule=args.label_rule, partitions=args.partitions,
+                    partition_rows=args.partition_rows, split=args.split or "temporal",
+                    max_history=args.max_history or 50, seed=args.seed,
+                    row_group_size=args.row_group_size, shard_rows=args.shard_rows,
+                    float_buckets=args.float_buckets)
+
+    try:
+        p = step(lambda: start() if rank == 0 else None)
+        step(lambda: [run_partition(work, k) for k in range(rank, p, world)])
+        step(lambda: [run_bucket(work, j) for j in range(rank, p, world)])
+        manifest = step(lambda: finish(work, out_dir, args.force) if rank == 0 else None)
+    except DatasetError as e:
+        if rank == 0:
+            shutil.rmtree(work, ignore_errors=True)
+            print(f"genci-prepare: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist is not None:
+            dist.destroy_process_group()
+    if rank == 0:
+        summary = manifest_summary(manifest, time.perf_counter() - t0, str(out_dir))
+        print(json.dumps({**summary, "ranks": world}, indent=2))
+    return 0
 
 
 # ---- raw synthetic interactions (the scale benchmark's input) -------------------------------
@@ -523,3 +686,7 @@ def write_raw_synthetic(path: Path, scale: float, seed: int = 0,
             rows += n
     tmp.rename(path)
     return rows
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
