@@ -13,6 +13,18 @@ built dataset; `plan_peak_mb` / `plan_mb` peak and held heap of `dataset.plan()`
 `iter_peak_mb` the peak heap above that while the batches are built (the plan, the current
 window's positions and the decoded row groups it spans, one batch); `rows_per_s` and
 `cpu_s` over those batches (building the dataset excluded), `rss_gb` / `hwm_gb` at the end.
+
+Measured (synthetic train splits, batch 1024, window 32, 300 batches, one process; 2026-12-04,
+before = 9168dd5, after = c936d3d; load 2–8 on 2 cores, so compare CPU seconds):
+
+    split  rows         pickled MB     plan MB held/peak       iter peak MB  hwm GB
+    s10     3,551,846   13.56 → 0.01   28.45/56.5 → 0.03/0.09  153 → 6.5     0.685 → 0.391
+    s100   35,551,486  135.8  → 0.14  276/550 → 0.33/0.90      2110 → 7.7    5.58 → 0.392
+
+The 300 batches took 2.2 → 0.56 CPU s (s10) and 34.1 → 0.58 CPU s (s100): before, each
+iterator built the whole epoch's positions, and read-ahead listed every one's group.
+Before, building the dataset also read every row's history length (s100: 7.1 s wall, 4.2 CPU
+s; now 0.65 s / 0.08 s, the Parquet footers only).
 """
 
 from __future__ import annotations
