@@ -6,6 +6,8 @@
     genci-prepare --dataset recbole --source path/to/atomic-folder --out data/mine
     genci-prepare --dataset recbole --atomic-dir DIR --name NAME --label-rule implicit --out data/N
     genci-prepare --dataset amazon --source path/to/Musical_Instruments.jsonl.gz --out data/instr
+    genci-prepare --dataset recbole --atomic-dir DIR --label-rule drop-band:3-3 --partitions auto \
+        --out data/big        # out of core (data_pipes/partitioned.py), any .inter size
     genci-prepare --dataset synthetic --scale 1.0 --out data/synth-1
     genci-prepare verify data/ml-100k     # sizes, sha256, schemas, ids, labels, nulls; exit 2
 
