@@ -28,6 +28,7 @@ interactions, which is not per user: it is refused for P > 1.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import pickle
@@ -577,6 +578,43 @@ def prepare_partitioned(folder: Path, out_dir: Path, *, force: bool = False,
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _parser() -> argparse.ArgumentParser:
+    """genci-prepare's options that the partitioned prepare reads (data_pipes/prepare.py
+    documents them; data_pipes.prepare imports this module, so no import back)."""
+    def rule(text: str) -> LabelRule:
+        try:
+            return LabelRule.parse(text)
+        except DatasetError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    def parts(text: str) -> int:
+        if text == "auto":
+            return 0
+        if not text.isdigit() or int(text) < 1:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a count >= 1 or 'auto'")
+        return int(text)
+
+    p = argparse.ArgumentParser(prog="python -m data_pipes.partitioned",
+                                description="one rank of the distributed partitioned prepare")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--source", default=None)
+    p.add_argument("--atomic-dir", default=None)
+    p.add_argument("--name", default=None)
+    p.add_argument("--label-rule", type=rule, default=None)
+    p.add_argument("--float-buckets", type=int, default=10)
+    p.add_argument("--split", default=None, choices=["temporal", "random", "leave_one_out"])
+    p.add_argument("--max-history", type=int, default=None)
+    p.add_argument("--row-group-size", type=int, default=8192)
+    p.add_argument("--shard-rows", type=int, default=1 << 18)
+    p.add_argument("--partitions", type=parts, default=0)
+    p.add_argument("--partition-rows", type=int, default=PARTITION_ROWS)
+    p.add_argument("--seed", type=int, default=2024)
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     """One rank of the distributed partitioned prepare (genci-prepare's arguments; RANK and
     WORLD_SIZE from torchrun / TorchX dist.ddp): rank 0 scans, every rank takes partitions
@@ -584,8 +622,6 @@ def main(argv: list[str] | None = None) -> int:
     share each step's outcome, so a bad input ends every rank with the same one-line error.
     All ranks need the same filesystem (the work folder next to --out)."""
     import os
-
-    from data_pipes.prepare import _parser
 
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
