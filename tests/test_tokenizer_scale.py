@@ -175,3 +175,19 @@ def test_cli_scaled_path_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(args) == 0  # cached embeddings, same seed → same ids
     assert json.loads(capsys.readouterr().out)["embed_cached"] is True
     assert np.array_equal(load_semantic_ids(d).codes, first)
+
+
+def test_bf16_embedding_close_to_float32_and_cached_apart(tmp_path: Path) -> None:
+    texts = _texts(24)
+    f32 = embed_texts(texts, "all-MiniLM-L6-v2", tmp_path, batch_size=8, progress=False)
+    b16 = embed_texts(texts, "all-MiniLM-L6-v2", tmp_path, batch_size=8, chunk_size=10,
+                      progress=False, dtype="bfloat16")
+    assert b16.vectors.dtype == np.float32 and b16.cache_file != f32.cache_file
+    assert b16.cache_file.parent.name.endswith("-bf16")
+    a, b = f32.vectors.astype(np.float64), b16.vectors.astype(np.float64)
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.999 and not np.array_equal(a, b)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        embed_texts(texts, "all-MiniLM-L6-v2", tmp_path, dtype="float16")
+    with pytest.raises(ValueError, match="embed_dtype"):
+        TokenizerConfig(embed_dtype="float16")  # type: ignore[arg-type]

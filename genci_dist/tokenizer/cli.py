@@ -150,7 +150,8 @@ def tokenize_dataset(dataset_dir: str | Path, cfg: TokenizerConfig,
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else dataset_dir.resolve().parent / "cache"
 
     emb = embed_texts(texts, cfg.model, cache_dir, batch_size=cfg.embed_batch_size,
-                      progress=progress, chunk_size=cfg.embed_chunk_size, mmap=_scaled(cfg))
+                      progress=progress, chunk_size=cfg.embed_chunk_size, mmap=_scaled(cfg),
+                      dtype=cfg.embed_dtype)
     del texts
     t0 = time.perf_counter()
     model, stats = train_rqvae(emb.vectors, cfg, progress=progress)

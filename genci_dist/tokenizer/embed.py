@@ -96,14 +96,25 @@ def texts_hash(texts: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-def _load_model(model_path: Path, progress: bool):  # noqa: ANN202 - a SentenceTransformer
+DTYPES = ("float32", "bfloat16")
+
+
+def _load_model(model_path: Path, progress: bool, dtype: str = "float32"):  # noqa: ANN202
+    """The SentenceTransformer; dtype "bfloat16" casts its weights (3x fewer CPU seconds per
+    text on a CPU with AVX512-BF16, cosine to the float32 vectors > 0.9999; measured by
+    genci_dist.bench.tokenizer)."""
     from sentence_transformers import SentenceTransformer
     from transformers.utils import logging as hf_logging
 
     if not progress:  # transformers draws its own weight-loading bar otherwise
         hf_logging.disable_progress_bar()
     try:
-        return SentenceTransformer(str(model_path), device="cpu", local_files_only=True)
+        st = SentenceTransformer(str(model_path), device="cpu", local_files_only=True)
+        if dtype == "bfloat16":
+            import torch
+
+            st = st.to(torch.bfloat16)
+        return st
     except Exception as e:  # noqa: BLE001 - any load failure is a config problem for the user
         raise EmbeddingError(f"{model_path}: cannot load a sentence-transformers model "
                              f"({type(e).__name__}: {e})") from e
@@ -157,7 +168,7 @@ def _load_cached(cache_file: Path, n: int, mmap: bool) -> np.ndarray | None:
 
 def _embed_chunked(texts: list[str], model_path: Path, key: str, thash: str, cache_file: Path,
                    *, batch_size: int, chunk_size: int, progress: bool,
-                   on_chunk: Callable[[int, int], None] | None) -> int:
+                   on_chunk: Callable[[int, int], None] | None, dtype: str = "float32") -> int:
     """Fills cache_file.partial.npy chunk by chunk (resuming), then renames it to cache_file.
     Returns how many chunks were already done when this call started."""
     from tqdm.auto import tqdm
@@ -185,7 +196,7 @@ def _embed_chunked(texts: list[str], model_path: Path, key: str, thash: str, cac
             mm = None
     done0 = int(state.get("done_chunks", 0)) if mm is not None else 0
     if mm is None:
-        st = _load_model(model_path, progress)
+        st = _load_model(model_path, progress, dtype)
         get_dim = getattr(st, "get_embedding_dimension", None) or \
             st.get_sentence_embedding_dimension  # the name before sentence-transformers 6
         dim = int(get_dim())
@@ -199,7 +210,7 @@ def _embed_chunked(texts: list[str], model_path: Path, key: str, thash: str, cac
                disable=not progress)
     for c in range(done0, n_chunks):
         if st is None:
-            st = _load_model(model_path, progress)
+            st = _load_model(model_path, progress, dtype)
         lo, hi = c * chunk_size, min(n, (c + 1) * chunk_size)
         vecs = _encode_with(st, texts[lo:hi], batch_size)
         if not np.isfinite(vecs).all():
@@ -221,14 +232,16 @@ def _embed_chunked(texts: list[str], model_path: Path, key: str, thash: str, cac
 
 def embed_texts(texts: Sequence[str], model: str, cache_dir: str | Path, *,
                 batch_size: int = 128, progress: bool = True, chunk_size: int = 0,
-                mmap: bool = False,
+                mmap: bool = False, dtype: str = "float32",
                 on_chunk: Callable[[int, int], None] | None = None) -> EmbedResult:
     """Embeds ``texts`` (float32 [n, dim]); a second call with the same model and texts reads
     the cached array and loads no model.
 
     chunk_size > 0: resumable chunked embedding into a memory-mapped file (see the module
     docstring); ``on_chunk(chunk_index, n_chunks)`` runs after each chunk is recorded.
-    mmap=True returns a read-only memory map of the cached file instead of an in-RAM array."""
+    mmap=True returns a read-only memory map of the cached file instead of an in-RAM array.
+    dtype "bfloat16" runs the model in bfloat16 (vectors still stored as float32; cached apart
+    from the float32 ones: the model key gets a "-bf16" suffix)."""
     texts = list(texts)
     if not texts:
         raise EmbeddingError("no texts to embed")
@@ -237,9 +250,11 @@ def embed_texts(texts: Sequence[str], model: str, cache_dir: str | Path, *,
             raise EmbeddingError(f"text #{i} is {type(t).__name__}, expected a string")
     if chunk_size < 0:
         raise EmbeddingError(f"chunk_size must be >= 0, got {chunk_size}")
+    if dtype not in DTYPES:
+        raise EmbeddingError(f"embedding dtype must be one of {DTYPES}, got {dtype!r}")
     t0 = time.perf_counter()
     model_path = resolve_model_path(model)
-    key = model_key(model_path)
+    key = model_key(model_path) + ("-bf16" if dtype == "bfloat16" else "")
     thash = texts_hash(texts)
     cache_file = Path(cache_dir) / "embeddings" / key / f"{thash}.npy"
     vectors = _load_cached(cache_file, len(texts), mmap)
@@ -250,14 +265,18 @@ def embed_texts(texts: Sequence[str], model: str, cache_dir: str | Path, *,
     if chunk_size > 0:
         resumed = _embed_chunked(texts, model_path, key, thash, cache_file,
                                  batch_size=batch_size, chunk_size=chunk_size,
-                                 progress=progress, on_chunk=on_chunk)
+                                 progress=progress, on_chunk=on_chunk, dtype=dtype)
         seconds = time.perf_counter() - t0
         vectors = np.load(cache_file, mmap_mode="r" if mmap else None)
         _atomic_json(cache_file.with_suffix(".json"),
                      {**meta, "dim": int(vectors.shape[1]), "seconds": seconds,
                       "chunk_size": chunk_size, "resumed_at_chunk": resumed})
         return EmbedResult(vectors, model, cache_file, False, seconds)
-    vectors = _encode(model_path, texts, batch_size, progress)
+    if dtype == "float32":
+        vectors = _encode(model_path, texts, batch_size, progress)
+    else:
+        vectors = _encode_with(_load_model(model_path, progress, dtype), texts, batch_size,
+                               progress)
     if not np.isfinite(vectors).all():
         raise EmbeddingError(f"{model_path}: the model produced non-finite embeddings")
     seconds = time.perf_counter() - t0
