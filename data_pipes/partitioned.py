@@ -86,6 +86,7 @@ from data_pipes.writer import (
 
 BLOCK_BYTES = 1 << 24          # CSV bytes per streamed batch
 PARTITION_ROWS = 2_000_000     # kept interactions per partition for --partitions auto
+SMALL_VOCAB = 10_000           # fewer distinct ids: protocol.dense_ids; more: its Arrow twin
 
 
 @dataclass
@@ -258,10 +259,20 @@ class _Vocab:
         value set whose index + 1 is the dense id."""
         distinct = pc.unique(pa.concat_arrays(self.parts)) if self.parts else pa.array(
             [], pa.string())
-        _, vocab = dense_ids(np.asarray(distinct.to_pylist(), dtype=object))
-        value_set = pa.array(vocab, pa.int64()) if vocab.dtype.kind in "iu" else pa.array(
-            [str(v) for v in vocab], pa.string())
-        return vocab, value_set
+        if len(distinct) <= SMALL_VOCAB:    # protocol.dense_ids itself
+            _, vocab = dense_ids(np.asarray(distinct.to_pylist(), dtype=object))
+            value_set = pa.array(vocab, pa.int64()) if vocab.dtype.kind in "iu" else pa.array(
+                [str(v) for v in vocab], pa.string())
+            return vocab, value_set
+        # dense_ids in Arrow (no Python object per id): numeric when every id matches its
+        # -?[0-9]{1,18}, then sorted int64 keys; else strings in code-point order, which is
+        # UTF-8 byte order, Arrow's string order. Tests check both against dense_ids.
+        if pc.all(pc.match_substring_regex(distinct, r"^-?[0-9]{1,18}$")).as_py():
+            keys = pc.unique(pc.cast(distinct, pa.int64()))
+        else:
+            keys = distinct
+        value_set = pc.take(keys, pc.sort_indices(keys))
+        return value_set.to_numpy(zero_copy_only=False), value_set
 
 
 def _to_dense(raw: pa.Array, value_set: pa.Array) -> np.ndarray:

@@ -89,7 +89,18 @@ def assert_same(mem: Path, part: Path) -> None:
     assert main(["verify", str(part)]) == 0
 
 
-def test_ml_shaped_equals_in_memory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.fixture(params=["dense_ids", "arrow"])
+def vocab_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both vocabulary paths of partitioned._Vocab.dense (the Arrow one for big vocabularies)."""
+    from data_pipes import partitioned
+
+    if request.param == "arrow":
+        monkeypatch.setattr(partitioned, "SMALL_VOCAB", 0)
+    return request.param
+
+
+def test_ml_shaped_equals_in_memory(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                    vocab_path: str) -> None:
     src = ml_folder(tmp_path / "raw")
     mem = tmp_path / "mem"
     assert main(["--dataset", "recbole", "--source", str(src), "--out", str(mem),
@@ -118,7 +129,7 @@ def test_ml_shaped_equals_in_memory(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert seen == man["counts"]["train"]["rows"] > 0
 
 
-def test_generic_equals_in_memory(tmp_path: Path) -> None:
+def test_generic_equals_in_memory(tmp_path: Path, vocab_path: str) -> None:
     src = generic_folder(tmp_path / "raw")
     mem = tmp_path / "mem"
     args = ["--dataset", "recbole", "--atomic-dir", str(src), "--no-progress",
@@ -157,3 +168,27 @@ def test_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str
     rc = main(["--dataset", "amazon", "--source", str(bad), "--out", str(tmp_path / "o"),
                "--no-progress", "--partitions", "2"])
     assert rc == 2 and "not --dataset amazon" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ids", [
+    ["10", "9", "007", "7", "-3", "100000000000000000"],            # numeric: int order, 007 = 7
+    ["b", "a10", "a9", "É", "z", "é", "10", "ü", "Z", "a"],          # strings: code-point order
+    ["5", "+5", "6"],                                               # "+5" is not numeric
+])
+def test_arrow_vocab_is_dense_ids(ids: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyarrow as pa
+
+    from data_pipes import partitioned
+    from data_pipes.protocol import dense_ids
+
+    rng = np.random.default_rng(0)
+    raw = [ids[k] for k in rng.integers(0, len(ids), size=200)]
+    _, want = dense_ids(np.asarray(raw, dtype=object))
+    monkeypatch.setattr(partitioned, "SMALL_VOCAB", 0)     # the Arrow path
+    v = partitioned._Vocab()
+    for k in range(0, 200, 7):
+        v.add(pa.array(raw[k:k + 7]))
+    vocab, value_set = v.dense()
+    assert vocab.dtype.kind == want.dtype.kind and vocab.tolist() == want.tolist()
+    dense = partitioned._to_dense(pa.array(raw), value_set)
+    assert dense.tolist() == dense_ids(np.asarray(raw, dtype=object))[0].tolist()
