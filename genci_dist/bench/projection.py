@@ -5,7 +5,14 @@ on this machine.
 
     python -m genci_dist.bench.projection --config configs/instrument.toml \\
         --dataset data/bench_scale/synthetic-s100 --world-sizes 64,128 --budgets-gb 80,16 \\
-        --measured deepfm=35000:2 --measured genci=290:2 --markdown /tmp/projection.md
+        --measured deepfm=28093:2 --measured genci=289.4:2 --markdown /tmp/projection.md
+
+The measured rates (2026-12-04, 2 ranks × 1 thread, batch 1024, this 2-core host under load):
+DeepFM one full epoch of synthetic s=100 (35,551,486 samples, `torchrun ... -m
+genci_dist.train --config configs/instrument.toml --model.name deepfm --train.epochs 1`,
+steps 50 → 34,700 in 1263 s, load 5-13); GenCI 20 steps of 1024 on synthetic s=10 with
+random semantic IDs (`genci-bench --configs configs/instrument.toml --models genci
+--world-sizes 2 --steps 20 --warmup 2 --only train`, 3.54 s/step, load 4-8).
 
 Lines (each a JSON object with "kind"):
 
