@@ -164,7 +164,8 @@ class EpochPlan:
         """Sequence positions of the batches of bucketing window w (batches w·W …), from
         group(k) = (history length of each row of ordered group k in file order, the group's
         row order this epoch) for the window's groups. O(rows of the window); a pure function
-        of (seed, epoch, rank, w) and the data, so any worker computes it alike at any time."""
+        of (seed, epoch, rank, w) and the data, so any worker computes it alike at any time; the
+        batch order within the window is (seed, epoch, w)'s on every rank."""
         j0, j1 = w * self.window, min((w + 1) * self.window, self.steps)
         lo, hi = int(self.bounds[j0]), int(self.bounds[j1])
         pos, lens = [], []
@@ -178,7 +179,10 @@ class EpochPlan:
         p = p[np.argsort(np.concatenate(lens), kind="stable")]  # ties keep the shuffled order
         cuts = self.bounds[j0:j1 + 1] - lo
         batches = [np.sort(p[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
-        rng = np.random.default_rng((self.seed, self.epoch, 1 << 20, self.rank, w))
+        # The same batch order on every rank (no rank in the seed): ranks have the same batch
+        # sizes, so a window's short batch comes at the same step on each, and sharded
+        # tables' collectives (row-wise reduce-scatter / all-gather) see equal batch sizes.
+        rng = np.random.default_rng((self.seed, self.epoch, 1 << 20, w))
         return [batches[i] for i in rng.permutation(len(batches))]
 
     def row_perm(self, k: int) -> np.ndarray:
