@@ -26,9 +26,9 @@ class TokenizerConfig:
     embed_batch_size: int = 128
     """Texts per forward pass of the embedding model."""
     embed_dtype: Literal["float32", "bfloat16"] = "float32"
-    """Precision of the embedding model's forward pass: "bfloat16" needs ~3x fewer CPU seconds
-    per text here (AVX512-BF16), vectors within 1e-4 cosine of float32 (other IDs than float32,
-    cached separately). Vectors are stored as float32 either way."""
+    """Precision of the embedding model's forward pass: "bfloat16" needs 1.8-2.8x fewer CPU
+    seconds per text here (AVX512-BF16; genci_dist.bench.tokenizer), vectors within 1e-4 cosine
+    of float32 (other IDs than float32, cached separately). Stored as float32 either way."""
     embed_chunk_size: int = 0
     """> 0: embed in resumable chunks of this many texts into a memory-mapped file (a killed
     run continues at the last finished chunk); 0 = one pass (the small-catalogue default)."""
