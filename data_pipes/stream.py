@@ -55,6 +55,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from data_pipes.batch import Batch
 from data_pipes.collate import Rows, decode_rows, gather_batch, load_item_tokens
 from data_pipes.memory import keep_freed_memory as _keep_freed_memory
+from data_pipes.quiet import quiet_known_warnings
 from data_pipes.schema import (
     HISTORY,
     ITEM,
@@ -466,13 +467,17 @@ def build_loader(dataset_dir: str | Path, split: str, *, batch_size: int, rank: 
     return StatefulDataLoader(ds, batch_size=None, num_workers=num_workers,
                               generator=torch.Generator().manual_seed(seed),
                               persistent_workers=False, pin_memory=torch.cuda.is_available(),
-                              worker_init_fn=_worker_keeps_freed_memory
-                              if keep_freed_memory and num_workers else None,
+                              worker_init_fn=functools.partial(_init_worker, keep_freed_memory)
+                              if num_workers else None,
                               multiprocessing_context=_WORKER_START if num_workers else None)
 
 
-def _worker_keeps_freed_memory(_worker_id: int) -> None:
-    _keep_freed_memory()
+def _init_worker(keep_freed: bool, _worker_id: int) -> None:
+    """A worker process's start-up: the known-harmless library warnings silenced (it builds
+    TorchRec inputs too), and the trainer's malloc policy when asked."""
+    quiet_known_warnings()
+    if keep_freed:
+        _keep_freed_memory()
 
 
 def steps_per_epoch(dataset_dir: str | Path, split: str, *, batch_size: int,

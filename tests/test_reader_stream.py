@@ -228,9 +228,10 @@ def test_workers_apply_keep_freed_memory_when_asked(tiny_dataset: Path) -> None:
 
     kept = build_loader(tiny_dataset, "train", batch_size=5, num_workers=1, seed=2,
                         keep_freed_memory=True)
-    assert kept.worker_init_fn is stream._worker_keeps_freed_memory
+    assert kept.worker_init_fn.func is stream._init_worker
+    assert kept.worker_init_fn.args == (True,)
     plain = build_loader(tiny_dataset, "train", batch_size=5, num_workers=1, seed=2)
-    assert plain.worker_init_fn is None
+    assert plain.worker_init_fn.args == (False,)  # workers still silence known warnings
     assert [b.row_ids.tolist() for b in kept] == [b.row_ids.tolist() for b in plain]
     assert build_loader(tiny_dataset, "train", batch_size=5, num_workers=0,
                         keep_freed_memory=True).worker_init_fn is None  # no workers

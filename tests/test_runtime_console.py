@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 
+from data_pipes import quiet
 from genci_dist.config import load_config
 from genci_dist.runtime import console
 from genci_dist.runtime.distributed import DistEnv
@@ -18,7 +19,7 @@ def test_known_warnings_dropped_others_kept() -> None:
     with warnings.catch_warnings(record=True) as caught:
         # catch_warnings restores the filters on exit; re-install inside it for the check
         warnings.simplefilter("always")
-        console._installed = False
+        quiet._installed = False
         console.quiet_known_warnings()
         warnings.warn("'set_vital' is deprecated, please do not call", UserWarning, stacklevel=1)
         warnings.warn("fbgemm::dense_embedding_codegen_lookup_function: an autograd kernel was "
@@ -76,3 +77,17 @@ def test_run_banner_says_what_where() -> None:
     assert line.startswith(f"[run] {cfg.model.name} on {cfg.data.dir} ")
     assert "1 rank × " in line and "(cpu)" in line and "→ /tmp/some-run" in line
     assert f"{cfg.train.max_steps} steps" in line
+
+
+def test_reader_workers_start_quiet(tmp_path) -> None:
+    """A reader worker (fork-server process) installs the same filters at its start."""
+    import functools
+
+    from data_pipes import stream
+
+    seen: list[bool] = []
+    quiet._installed = False
+    stream._init_worker(False, 0)
+    seen.append(quiet._installed)
+    assert seen == [True]
+    assert isinstance(functools.partial(stream._init_worker, True), functools.partial)
