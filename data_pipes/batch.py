@@ -11,7 +11,7 @@ Layout for a batch of B samples whose longest history has L items, T tokens per 
 - ``history``          (B, L) int64 item ids, oldest first, left-aligned, 0-padded on the right.
   These two only when the reader is asked for the history's item ids (`with_history_ids`,
   which DIN needs); otherwise the KJT has no key and ``history`` is (B, 0). GenCI reads its
-  history as tokens: leaving the ids out takes ~15 % off the reader's CPU (README "Data").
+  history as tokens: leaving the ids out takes ~15 % off the reader's CPU (the data_pipes/bench_reader.py docstring).
 - ``history_lengths``  (B,) int64.
 - ``history_tokens``   (B, L*T) int32 semantic-ID tokens of the history (TokenVocab ids),
   0-padded; empty (B, 0) when the dataset has no semantic IDs yet. int32, not int64: half

@@ -318,14 +318,14 @@ class StreamingSplit(IterableDataset):
     def _read_table(self, plan: EpochPlan, k: int, cache: _WorkerCache) -> pa.Table:
         """The k-th group of the epoch order as read from Parquet (the read-ahead thread's
         whole job: Arrow reads without holding the GIL, so it overlaps the gathering thread;
-        decoding there too was slower, 0.39 → 0.32 s wall per ML-1M epoch, README "Data")."""
+        decoding there too was slower, 0.39 → 0.32 s wall per ML-1M epoch, the data_pipes/bench_reader.py docstring)."""
         g = plan.groups[int(plan.order[k])]
         try:
             # The file stays open (re-opening re-parses its footer for every row group);
             # only a few are kept open. Only the columns a Batch uses are decoded (a
             # missing one is left out here and named by decode_rows), and on this thread:
             # Arrow's pool costs ~25% more CPU for these small row groups and competes
-            # with the trainer's threads (measured, README "Data").
+            # with the trainer's threads (measured, the data_pipes/bench_reader.py docstring).
             if g.path not in cache.files:
                 if len(cache.files) >= 4:
                     del cache.files[next(iter(cache.files))]

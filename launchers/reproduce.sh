@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper-protocol runs behind README "Results" (issue 6): early stopping on valid AUC with
+# The paper-protocol runs behind README "Results": early stopping on valid AUC with
 # patience 2, the official MovieLens hyper-parameters (configs/ml100k.toml, configs/ml1m.toml),
 # the best checkpoint evaluated on test (and valid) with per-sample predictions, then the
 # report: results.md, calibration (LogLoss after maps fitted on valid), Table 5, figures.
@@ -12,7 +12,7 @@
 # Knobs: REPORT_ONLY=1 (train nothing: rewrite results.md, the volatility table and GenCI's
 # figures from the set's finished runs), RUNS (default runs/repro), NPROC (default 1, the
 # setting the recorded tables used; NPROC=2 = 2 ranks × 1 thread, measured 1.3x faster for
-# GenCI on ML-1M in session 6 — see README "Speed", Threads), JOBS
+# GenCI on ML-1M on 2026-11-23 — README "Speed"), JOBS
 # (default 1; JOBS=2 trains two models side by side with one thread each — GenCI gains little
 # from a second thread, README "Speed"), EXTRA (more config overrides for every run). Each
 # run resumes from its latest checkpoint if interrupted (checkpoint.resume = auto), so

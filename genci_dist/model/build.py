@@ -37,7 +37,7 @@ def load_generation_assets(dataset_dir: str | Path, manifest: dict[str, Any],
 def batch_fields(cfg: ModelConfig) -> dict[str, bool]:
     """Which forms of the history a model reads, as build_loader's keyword arguments: GenCI
     its semantic-ID tokens, DIN its item ids (sequence KJT and width); DeepFM / DCNv2
-    neither. The reader builds nothing else (a GenCI batch without the ids: README "Data")."""
+    neither. The reader builds nothing else (a GenCI batch without the ids: the data_pipes/bench_reader.py docstring)."""
     return {"with_tokens": cfg.name == "genci", "with_history_ids": cfg.name == "din"}
 
 
