@@ -50,10 +50,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
-from torchrec.distributed.planner.constants import BATCH_SIZE
-from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
-from torchrec.distributed.planner.shard_estimators import EmbeddingPerfEstimator
+from torchrec.distributed.planner import Topology
 
 from data_pipes.schema import FeatureSpec, TokenVocab, feature_specs, load_manifest
 from genci_dist.config import load_config
@@ -68,8 +65,7 @@ from genci_dist.runtime.sharding import (
     MemoryBudget,
     ShardingConfig,
     _plan,
-    _StateAwareStorageEstimator,
-    build_constraints,
+    build_planner,
     build_sharders,
     table_sizes,
 )
@@ -166,13 +162,7 @@ def plan_on_topology(model: torch.nn.Module, cfg: ShardingConfig, world_size: in
         else:
             topology = Topology(world_size=world_size, compute_device=compute_device, ddr_cap=cap,
                                 local_world_size=local)
-        constraints = build_constraints(model, cfg)
-        enumerator = EmbeddingEnumerator(
-            topology=topology, batch_size=BATCH_SIZE, constraints=constraints,
-            estimator=[EmbeddingPerfEstimator(topology=topology, constraints=constraints),
-                       _StateAwareStorageEstimator(topology, constraints, cfg.sparse_optimizer)])
-        planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints,
-                                           enumerator=enumerator, debug=False)
+        planner = build_planner(model, cfg, topology)
         status, value = _plan(planner, model, build_sharders(cfg), budget)
     if status == "error":
         reserved, reason = value

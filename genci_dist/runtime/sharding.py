@@ -23,6 +23,7 @@ checkpointing writes their shard without copying it (see there).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -431,6 +432,19 @@ def _device_bytes(storage: Any, topology: Topology) -> int:
     return int(storage.hbm if topology.compute_device in ("cuda", "mtia") else storage.ddr)
 
 
+def _tables(model: torch.nn.Module) -> Iterator[tuple[Any, Any]]:
+    """(table config, the module dict holding its weight) of every EBC/EC table of `model`."""
+    for m in model.modules():
+        if isinstance(m, EmbeddingBagCollection):
+            configs, modules = m._embedding_bag_configs, m.embedding_bags
+        elif isinstance(m, EmbeddingCollection):
+            configs, modules = m._embedding_configs, m.embeddings
+        else:
+            continue
+        for c in configs:
+            yield c, modules
+
+
 def apply_table_dtype(model: torch.nn.Module, cfg: ShardingConfig) -> list[str]:
     """Under sharding.table_dtype = "fp16", re-declares every table of `model` that is not
     pinned data_parallel as fp16 (its EmbeddingBagConfig/EmbeddingConfig data_type, which the
@@ -443,23 +457,30 @@ def apply_table_dtype(model: torch.nn.Module, cfg: ShardingConfig) -> list[str]:
     if cfg.table_dtype == "fp32":
         return []
     converted = []
-    for m in model.modules():
-        if isinstance(m, EmbeddingBagCollection):
-            configs, modules = m._embedding_bag_configs, m.embedding_bags
-        elif isinstance(m, EmbeddingCollection):
-            configs, modules = m._embedding_configs, m.embeddings
-        else:
+    for c, modules in _tables(model):
+        if (cfg.tables.get(c.name, cfg.default_type) == "data_parallel"
+                or c.data_type == DataType.FP16):
             continue
-        for c in configs:
-            if (cfg.tables.get(c.name, cfg.default_type) == "data_parallel"
-                    or c.data_type == DataType.FP16):
-                continue
-            c.data_type = DataType.FP16
-            w = modules[c.name].weight
-            modules[c.name].weight = torch.nn.Parameter(w.detach().to(torch.float16),
-                                                        requires_grad=w.requires_grad)
-            converted.append(c.name)
+        c.data_type = DataType.FP16
+        w = modules[c.name].weight
+        modules[c.name].weight = torch.nn.Parameter(w.detach().to(torch.float16),
+                                                    requires_grad=w.requires_grad)
+        converted.append(c.name)
     return converted
+
+
+def build_planner(model: torch.nn.Module, cfg: ShardingConfig, topology: Topology
+                  ) -> EmbeddingShardingPlanner:
+    """The planner the trainer uses, on any topology (the trainer's real one, or a simulated
+    cluster's in `genci_dist.bench.projection`): the config's per-table constraints, and a
+    storage estimate that counts the fused optimizer's state."""
+    constraints = build_constraints(model, cfg)
+    enumerator = EmbeddingEnumerator(
+        topology=topology, batch_size=BATCH_SIZE, constraints=constraints,
+        estimator=[EmbeddingPerfEstimator(topology=topology, constraints=constraints),
+                   _StateAwareStorageEstimator(topology, constraints, cfg.sparse_optimizer)])
+    return EmbeddingShardingPlanner(topology=topology, constraints=constraints,
+                                    enumerator=enumerator, debug=False)
 
 
 def plan_sharding(model: torch.nn.Module, env: DistEnv, cfg: ShardingConfig,
@@ -474,14 +495,7 @@ def plan_sharding(model: torch.nn.Module, env: DistEnv, cfg: ShardingConfig,
     if budget.planner_bytes <= 0:
         raise MemoryBudgetError(_budget_error(model, cfg, env, budget,
                                               why="the budget is below the runtime reserve"))
-    topology = build_topology(env, budget)
-    constraints = build_constraints(model, cfg)
-    enumerator = EmbeddingEnumerator(
-        topology=topology, batch_size=BATCH_SIZE, constraints=constraints,
-        estimator=[EmbeddingPerfEstimator(topology=topology, constraints=constraints),
-                   _StateAwareStorageEstimator(topology, constraints, cfg.sparse_optimizer)])
-    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints,
-                                       enumerator=enumerator, debug=False)
+    planner = build_planner(model, cfg, build_topology(env, budget))
     status, value = invoke_on_rank_and_broadcast_result(env.pg, 0, _plan, planner, model,
                                                         sharders, budget)
     if status == "error":
@@ -510,19 +524,12 @@ def own_tbe_for_large_tables(model: torch.nn.Module, min_bytes: int | None = Non
     Returns their names."""
     min_bytes = OWN_TBE_BYTES if min_bytes is None else min_bytes
     marked = []
-    for m in model.modules():
-        if isinstance(m, EmbeddingBagCollection):
-            configs, modules = m._embedding_bag_configs, m.embedding_bags
-        elif isinstance(m, EmbeddingCollection):
-            configs, modules = m._embedding_configs, m.embeddings
-        else:
-            continue
-        for c in configs:
-            w = modules[c.name].weight
-            if w.numel() * w.element_size() >= min_bytes:
-                kwargs = getattr(w, "_optimizer_kwargs", [{}])
-                w._optimizer_kwargs = [{**kwargs[0], USE_ONE_TBE_PER_TABLE: True}]
-                marked.append(c.name)
+    for c, modules in _tables(model):
+        w = modules[c.name].weight
+        if w.numel() * w.element_size() >= min_bytes:
+            kwargs = getattr(w, "_optimizer_kwargs", [{}])
+            w._optimizer_kwargs = [{**kwargs[0], USE_ONE_TBE_PER_TABLE: True}]
+            marked.append(c.name)
     return marked
 
 
