@@ -241,6 +241,20 @@ class TrainStats:
     final_recon: float
 
 
+def _train_step(model: nn.Module, opt: torch.optim.Optimizer, xb: Tensor,
+                cfg: TokenizerConfig, gen: torch.Generator, allow_reset: bool
+                ) -> tuple[int, float, float]:
+    """One optimizer step on batch xb, then dead-code resets → (resets, loss, recon loss)."""
+    _, codes, recon, vq, residuals = model(xb)
+    loss = recon + vq
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    resets = model.quantizer.reset_dead_codes(codes, residuals, cfg.dead_code_threshold, gen,
+                                              allow_reset=allow_reset)
+    return resets, loss.item(), recon.item()
+
+
 def _batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[Tensor]:
     # Near-equal batches: a tiny last batch would make the EMA statistics jumpy.
     perm = torch.randperm(n, generator=gen)
@@ -291,15 +305,10 @@ def _train(embeddings: np.ndarray, cfg: TokenizerConfig,
     bar = tqdm(range(cfg.epochs), desc="rq-vae", disable=not progress, unit="ep")
     for _ in bar:
         for idx in _batches(x.shape[0], cfg.batch_size, gen):
-            _, codes, recon, vq, residuals = model(x[idx])
-            loss = recon + vq
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            n_reset += model.quantizer.reset_dead_codes(
-                codes, residuals, cfg.dead_code_threshold, gen, allow_reset=step < reset_stop)
+            resets, loss_v, recon_v = _train_step(model, opt, x[idx], cfg, gen,
+                                                  allow_reset=step < reset_stop)
+            n_reset += resets
             step += 1
-            loss_v, recon_v = loss.item(), recon.item()
         bar.set_postfix(loss=f"{loss_v:.4f}", recon=f"{recon_v:.4f}", reset=n_reset)
     model.eval()
     return model, TrainStats(step, n_reset, loss_v, recon_v)
@@ -336,14 +345,9 @@ def _train_sampled(embeddings: np.ndarray, cfg: TokenizerConfig, progress: bool,
         if idx is None:  # a fresh seeded permutation of the sample
             batches = _batches(x.shape[0], cfg.batch_size, gen)
             idx = next(batches)
-        _, codes, recon, vq, residuals = model(x[idx])
-        loss = recon + vq
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        n_reset += model.quantizer.reset_dead_codes(
-            codes, residuals, cfg.dead_code_threshold, gen, allow_reset=step < reset_stop)
-        loss_v, recon_v = loss.item(), recon.item()
+        resets, loss_v, recon_v = _train_step(model, opt, x[idx], cfg, gen,
+                                              allow_reset=step < reset_stop)
+        n_reset += resets
         bar.update(1)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss_v:.4f}", recon=f"{recon_v:.4f}", reset=n_reset)
