@@ -25,7 +25,7 @@ from genci_dist.config_loader import (
     to_plain,
 )
 from genci_dist.model.config import ModelConfig
-from genci_dist.runtime.sharding import ShardingConfig
+from genci_dist.runtime.sharding_config import ShardingConfig
 from genci_dist.tokenizer.config import TokenizerConfig
 
 __all__ = ["ConfigError", "JobConfig", "load_config", "save_config"]
