@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow.csv as pacsv
 import pytest
 
-from data_pipes.partitioned import write_raw_synthetic
+from data_pipes.raw_inter import write_raw_synthetic
 from genci_dist.bench.scale import main
 
 

@@ -323,6 +323,26 @@ def _numeric(t: AtomicTable, name: str) -> np.ndarray:
     return col
 
 
+
+def generic_sides(tables: dict[str, AtomicTable | None], u_vocab: np.ndarray,
+                  i_vocab: np.ndarray, folder: Path, name: str,
+                  files: dict[str, Path | None], raw_interactions: int, float_buckets: int,
+                  warn: Warn) -> tuple[SideTable, SideTable, dict[str, Any]]:
+    """The user and item side tables of a generic atomic dataset (features typed by their
+    suffixes, degenerate ones dropped with a warning) and the manifest's `source` entry; the
+    in-memory and the partitioned prepare share it."""
+    dropped: dict[str, str] = {}
+    taken: set[str] = set()
+    user = _side(tables["user"], "user_id", u_vocab, "user", float_buckets, taken, warn,
+                 dropped, text=False)
+    item = _side(tables["item"], "item_id", i_vocab, "item", float_buckets, taken, warn,
+                 dropped, text=True)
+    source = {"path": str(folder), "name": name,
+              "files": {p.name: sha256_file(p) for p in files.values() if p is not None},
+              "raw_interactions": raw_interactions, "dropped": dropped}
+    return user, item, source
+
+
 def _side(t: AtomicTable | None, key: str, vocab: np.ndarray, what: str, float_buckets: int,
           taken: set[str], warn: Warn, dropped: dict[str, str], text: bool) -> SideTable:
     n = len(vocab)
@@ -417,13 +437,6 @@ def load_generic(folder: Path, name: str | None = None, rule: LabelRule | None =
     u_dense, u_vocab = dense_ids(inter.columns["user_id"][keep])
     i_dense, i_vocab = dense_ids(inter.columns["item_id"][keep])
     interactions = Interactions(u_dense, i_dense, value[keep], ts[keep])
-    dropped: dict[str, str] = {}
-    taken: set[str] = set()
-    user = _side(tables["user"], "user_id", u_vocab, "user", float_buckets, taken, warn,
-                 dropped, text=False)
-    item = _side(tables["item"], "item_id", i_vocab, "item", float_buckets, taken, warn,
-                 dropped, text=True)
-    source = {"path": str(folder), "name": name,
-              "files": {p.name: sha256_file(p) for p in files.values() if p is not None},
-              "raw_interactions": len(inter), "dropped": dropped}
+    user, item, source = generic_sides(tables, u_vocab, i_vocab, folder, name, files,
+                                       len(inter), float_buckets, warn)
     return (interactions, user, item), rule, source, {"timestamp": time_rule}

@@ -77,7 +77,7 @@ def read_command(out: Path, scale: float, opts: argparse.Namespace) -> list[str]
 def raw_inter(out: Path, scale: float, seed: int) -> Path:
     """OUT/raw-s<s>/synth.inter: raw synthetic interactions (data_pipes.partitioned.
     write_raw_synthetic), written once by the benchmark's own process, outside the measure."""
-    from data_pipes.partitioned import write_raw_synthetic
+    from data_pipes.raw_inter import write_raw_synthetic
 
     path = out / f"raw-s{scale:g}" / "synth.inter"
     if not path.is_file():
