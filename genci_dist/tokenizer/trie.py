@@ -173,14 +173,5 @@ class DenseSemanticIdTrie:
         """Child node ids (or item ids at the last depth); -1 where the path does not exist."""
         return self.children[depth].to(nodes.device)[nodes, codes]
 
-    def contains(self, codes: Tensor) -> Tensor:
-        """Bool [M]: whether each full or partial code path [M, d] exists."""
-        node = torch.zeros(codes.shape[0], dtype=torch.long, device=codes.device)
-        ok = torch.ones_like(node, dtype=torch.bool)
-        for d in range(codes.shape[1]):
-            c = codes[:, d]
-            in_range = (c >= 0) & (c < self.widths[d])
-            nxt = self.child(d, node.clamp(min=0), c.clamp(0, self.widths[d] - 1))
-            ok &= in_range & (nxt >= 0)
-            node = nxt
-        return ok
+    # the same walk over child(): only child() differs between the two layouts
+    contains = SemanticIdTrie.contains
