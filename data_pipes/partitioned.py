@@ -12,15 +12,14 @@ Passes (pyarrow's streaming CSV reader and Parquet files; numpy for the protocol
    appends each kept row to one of P Parquet files by dense user range
    (partition = (user - 1) * P // n_users), preserving file order inside a user.
 3. protocol: each partition runs the in-memory protocol (`protocol.build_samples`, which is
-   per user) and writes its valid/test rows as shards `SPLIT/part-PPPPP-KKKKK.parquet`; in file
-   name order these are exactly the in-memory path's rows in its order ((user, timestamp,
-   item)). Train rows are scattered to P buckets by a seeded uniform draw.
-4. shuffle: each train bucket is permuted (seeded) and written as `train/part-BBBBB-KKKKK`:
-   random scatter + a uniform permutation per bucket is a uniform global shuffle, as the
-   in-memory writer's, but not the same permutation (that one needs an index array over all
-   train rows); the set of train rows is identical.
+   per user) and writes its users' sequences (data_pipes/sequences.py, users in a seeded order)
+   as shards `sequences/part-PPPPP-KKKKK.parquet`: the same sequence rows as the in-memory
+   path's, in another user order. No train shuffle pass: a sequence row holds all splits of
+   one user, and the reader shuffles row groups and the samples of blocks of them, so the
+   order on disk only has to put random users together, which each partition's seeded user
+   order already does.
 
-Row groups hold `row_group_size` rows except the last of each shard; the manifest has the same
+Row groups hold about `row_group_size` interactions (whole users); the manifest has the same
 schema, features and counts as `writer.write_dataset`'s, so the reader and
 `genci-prepare verify` work unchanged. `--split random` draws one permutation over all
 interactions, which is not per user: it is refused for P > 1.
@@ -58,12 +57,14 @@ from data_pipes.schema import (
     ITEMS,
     MANIFEST,
     SCHEMA_VERSION,
+    SEQUENCES,
     SPLITS,
     USER,
     USERS,
     DatasetError,
     manifest_summary,
 )
+from data_pipes.sequences import SequenceWriter, sequence_table
 from data_pipes.sources.recbole import (
     AtomicTable,
     Warn,
@@ -75,9 +76,10 @@ from data_pipes.sources.recbole import (
 from data_pipes.writer import (
     SideTable,
     feature_list,
-    sample_table,
+    finish_counts,
     sha256_file,
     side_table,
+    split_counts,
     staging,
 )
 
@@ -150,17 +152,6 @@ def _ml_sides(spec: InterSpec, folder: Path, u_raw: list[str], i_raw: list[str]
                          read_atomic_file(found["user"][0]))
     _, user, item = ml.to_tables(raw, rule)
     return user, item
-
-
-def _write_shards(table: pa.Table, folder: Path, stem: str, root: Path,
-                  row_group_size: int, shard_rows: int, files: dict[str, Any]) -> None:
-    shard_rows = max(row_group_size, shard_rows // row_group_size * row_group_size)
-    for k, start in enumerate(range(0, table.num_rows, shard_rows)):
-        part = table.slice(start, shard_rows)
-        rel = f"{folder.name}/{stem}-{k:05d}.parquet"
-        pq.write_table(part, root / rel, row_group_size=row_group_size)
-        files[rel] = {"rows": part.num_rows,
-                      "row_groups": pq.ParquetFile(root / rel).metadata.num_row_groups}
 
 
 @dataclass
@@ -257,9 +248,7 @@ def scan(folder: Path, work: Path, *, shape: str, name: str | None = None,
                 "history": "earlier positives of the user, most recent max_history, oldest first",
                 **extra}
 
-    work.mkdir(parents=True)
-    for s in SPLITS:
-        (work / "out" / s).mkdir(parents=True)
+    (work / "out").mkdir(parents=True)
     # pass 2: partition by dense user range
     schema = pa.schema([("u", pa.int32()), ("i", pa.int32()), ("v", pa.float64()),
                         ("t", pa.int64())])
@@ -291,10 +280,9 @@ def scan(folder: Path, work: Path, *, shape: str, name: str | None = None,
 
 
 def run_partition(work: Path, k: int, tick: Callable[[int], None] = lambda n: None) -> None:
-    """Pass 3 for partition k: the protocol; valid/test shards written to work/out, train rows
-    scattered to work/train-BUCKET-k.parquet; counts and shard entries to work/part-k.json."""
+    """Pass 3 for partition k: the protocol; its sequence shards written to work/out; counts
+    and shard entries to work/part-k.json."""
     st = _load(work)
-    features = feature_list(st.user, st.item)
     files: dict[str, Any] = {}
     counts: dict[str, Any] = {s: {"rows": 0, "positives": 0, "hist": 0} for s in SPLITS}
     path = work / f"inter-{k:05d}.parquet"
@@ -306,46 +294,14 @@ def run_partition(work: Path, k: int, tick: Callable[[int], None] = lambda n: No
         samples = build_samples(kept, label, split=st.split,  # type: ignore[arg-type]
                                 max_history=st.max_history, seed=st.seed)
         del inter, kept, label
-        hist_len = np.diff(samples.hist_offsets)
-        for code, s in enumerate(SPLITS):
-            idx = np.flatnonzero(samples.split == code)
-            c = counts[s]
-            c["rows"] += int(idx.size)
-            c["positives"] += int(samples.label[idx].sum())
-            c["hist"] += int(hist_len[idx].sum())
-            if not idx.size:
-                continue
-            table = sample_table(samples.take(idx), st.user, st.item, features)
-            if s != "train":
-                _write_shards(table, work / "out" / s, f"part-{k:05d}", work / "out",
-                              st.row_group_size, st.shard_rows, files)
-                tick(table.num_rows)
-                continue
-            bucket = np.random.default_rng([st.seed, 1, k]).integers(0, st.p, size=idx.size)
-            order = np.argsort(bucket, kind="stable")
-            bounds = np.searchsorted(bucket[order], np.arange(st.p + 1))
-            for j in range(st.p):
-                if bounds[j + 1] > bounds[j]:
-                    pq.write_table(table.take(pa.array(order[bounds[j]:bounds[j + 1]])),
-                                   work / f"train-{j:05d}-{k:05d}.parquet")
+        counts = split_counts(samples)
+        writer = SequenceWriter(work / "out", st.row_group_size, st.shard_rows,
+                                stem=f"part-{k:05d}")
+        writer.add(sequence_table(samples, st.user.single, st.user.multi, [st.seed, 3, k]))
+        files = writer.close()
+        tick(len(samples))
     (work / f"part-{k:05d}.json").write_text(json.dumps({"counts": counts, "files": files}))
     path.unlink()
-
-
-def run_bucket(work: Path, j: int, tick: Callable[[int], None] = lambda n: None) -> None:
-    """Pass 4 for train bucket j (after every partition's pass 3): permuted and written."""
-    st = _load(work)
-    files: dict[str, Any] = {}
-    parts = sorted(work.glob(f"train-{j:05d}-*.parquet"))
-    if parts:
-        table = pa.concat_tables([pq.read_table(q) for q in parts])
-        perm = np.random.default_rng([st.seed, 2, j]).permutation(table.num_rows)
-        _write_shards(table.take(pa.array(perm)), work / "out" / "train", f"part-{j:05d}",
-                      work / "out", st.row_group_size, st.shard_rows, files)
-        tick(table.num_rows)
-        for q in parts:
-            q.unlink()
-    (work / f"bucket-{j:05d}.json").write_text(json.dumps({"files": files}))
 
 
 def finish(work: Path, out_dir: Path, force: bool = False) -> dict[str, Any]:
@@ -361,23 +317,15 @@ def finish(work: Path, out_dir: Path, force: bool = False) -> dict[str, Any]:
         for s in SPLITS:
             for key in ("rows", "positives", "hist"):
                 counts[s][key] += got["counts"][s][key]
-    for j in range(st.p):
-        out.update(json.loads((work / f"bucket-{j:05d}.json").read_text())["files"])
     total = sum(counts[s]["rows"] for s in SPLITS)
     if total == 0:
         raise DatasetError(f"{st.name}: no samples to write")
     with staging(Path(out_dir), force) as tmp:
-        for s in SPLITS:
-            (work / "out" / s).rename(tmp / s)
-        summary: dict[str, Any] = {"samples": total, "users": len(st.user.raw_ids),
-                                   "items": len(st.item.raw_ids),
-                                   "n_users": len(st.user.raw_ids),
-                                   "n_items": len(st.item.raw_ids)}
-        for s in SPLITS:
-            c = counts[s]
-            summary[s] = {"rows": c["rows"], "positives": c["positives"],
-                          "positive_rate": c["positives"] / c["rows"] if c["rows"] else 0.0,
-                          "avg_history": c["hist"] / c["rows"] if c["rows"] else 0.0}
+        (work / "out" / SEQUENCES).rename(tmp / SEQUENCES)
+        summary = finish_counts(counts, {"users": len(st.user.raw_ids),
+                                         "items": len(st.item.raw_ids),
+                                         "n_users": len(st.user.raw_ids),
+                                         "n_items": len(st.item.raw_ids)})
         pq.write_table(side_table(st.item, ITEM, features, "item"), tmp / ITEMS)
         pq.write_table(side_table(st.user, USER, features, "user"), tmp / USERS)
         out[ITEMS] = {"rows": len(st.item.raw_ids)}
@@ -385,8 +333,6 @@ def finish(work: Path, out_dir: Path, force: bool = False) -> dict[str, Any]:
         for rel in out:
             out[rel]["bytes"] = (tmp / rel).stat().st_size
             out[rel]["sha256"] = sha256_file(tmp / rel)
-        summary["positive_rate"] = sum(counts[s]["positives"] for s in SPLITS) / total
-        summary["avg_history"] = sum(counts[s]["hist"] for s in SPLITS) / total
         manifest = {"schema_version": SCHEMA_VERSION, "dataset": st.name,
                     "protocol": st.protocol, "counts": summary,
                     "features": [f.to_json() for f in features],
@@ -411,7 +357,7 @@ def prepare_partitioned(folder: Path, out_dir: Path, *, force: bool = False,
                         **options: Any) -> dict[str, Any]:
     """An atomic folder (`shape` "ml": MovieLens-shaped, one *.inter/*.item/*.user; "generic":
     sources/recbole.py's generic source) → a prepared dataset in `out_dir`, out of core, in
-    this process: scan, every partition, every bucket, finish (`options`: scan's keywords;
+    this process: scan, every partition, finish (`options`: scan's keywords;
     `partitions` 0 = ceil(kept interactions / partition_rows)). Returns the manifest."""
     out_dir = Path(out_dir)
     _check_out(out_dir, force)
@@ -421,8 +367,6 @@ def prepare_partitioned(folder: Path, out_dir: Path, *, force: bool = False,
         p = scan(folder, work, **options)
         for k in range(p):
             run_partition(work, k, tick)
-        for j in range(p):
-            run_bucket(work, j, tick)
         return finish(work, out_dir, force)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -468,7 +412,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """One rank of the distributed partitioned prepare (genci-prepare's arguments; RANK and
     WORLD_SIZE from torchrun / TorchX dist.ddp): rank 0 scans, every rank takes partitions
-    and train buckets rank::world, rank 0 writes the manifest; ranks meet at gloo barriers and
+    rank::world, rank 0 writes the manifest; ranks meet at gloo barriers and
     share each step's outcome, so a bad input ends every rank with the same one-line error.
     All ranks need the same filesystem (the work folder next to --out)."""
     import os
@@ -518,7 +462,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         p = step(lambda: start() if rank == 0 else None)
         step(lambda: [run_partition(work, k) for k in range(rank, p, world)])
-        step(lambda: [run_bucket(work, j) for j in range(rank, p, world)])
         manifest = step(lambda: finish(work, out_dir, args.force) if rank == 0 else None)
     except DatasetError as e:
         if rank == 0:

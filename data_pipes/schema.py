@@ -7,14 +7,20 @@ A prepared dataset is a folder::
     items.parquet          item_id (int32, 1..n_items; 0 = padding), raw_id (str), text (str),
                            one column per item-side feature (int32, or list<int32> if multi)
     users.parquet          user_id (int32, 1..n_users), raw_id (str), one column per user feature
-    train/ valid/ test/    part-00000.parquet ...: one row per sample, fixed row-group size
+    sequences/             part-00000.parquet ...: one row per user sequence (users in a seeded
+                           random order), row groups of about row_group_size interactions
     semantic_ids.parquet   written by the tokenizer: item_id, code_0..code_{N-1}, collision
     cohorts.npz            written by the tokenizer: CSR cohort index
 
-Sample shard columns: ``user_id``, ``item_id`` (int32), ``label`` (int8, 0/1), ``timestamp``
-(int64, seconds), ``history`` (list<int32> of earlier positive item ids, oldest first, at most
-``max_history``), and one column per sparse feature listed in ``manifest["features"]`` (user
-and item features denormalised into the row, so a reader never joins).
+Sequence shard columns: ``user_id`` (int32), one column per user-side feature (int32, or
+list<int32> if multi), and per position of the user's sequence, in protocol order (timestamp,
+item id): ``items`` (list<int32>), ``labels`` (list<int8>, 0/1), ``timestamps`` (list<int64>,
+seconds), ``splits`` (list<int8>: 0 train, 1 valid, 2 test). Every position is a sample of its
+split; its history (the user's earlier positives, the most recent ``max_history``, oldest
+first) and its item-side features (items.parquet) are cut at read time
+(data_pipes/sequences.py), so the layout is O(interactions). The manifest lists, per sequence
+shard, each row group's sample count per split (``groups``: [[train, valid, test], ...]), so
+an epoch is planned from the manifest alone.
 
 Every sparse id is dense: 0 means padding/unknown and real values are 1..cardinality-1, so a
 feature's embedding table has exactly ``cardinality`` rows.
@@ -27,13 +33,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
 ITEMS = "items.parquet"
 USERS = "users.parquet"
 SEMANTIC_IDS = "semantic_ids.parquet"
 COHORTS = "cohorts.npz"
 SPLITS = ("train", "valid", "test")
+SEQUENCES = "sequences"
 
 USER = "user_id"
 ITEM = "item_id"
@@ -41,6 +48,11 @@ LABEL = "label"
 TIMESTAMP = "timestamp"
 HISTORY = "history"
 RAW_ID = "raw_id"
+# sequence shard columns
+SEQ_ITEMS = "items"
+LABELS = "labels"
+TIMESTAMPS = "timestamps"
+SEQ_SPLITS = "splits"
 TEXT = "text"
 
 # Sequence feature key used for the history in Batch.sequence_features (EmbeddingCollection).
@@ -74,6 +86,11 @@ def load_manifest(dataset_dir: str | Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path}: not valid JSON ({e})") from e
+    if manifest.get("schema_version") == 1:
+        raise DatasetError(f"{path}: schema_version 1 (one row per sample, histories stored) "
+                           f"is no longer read; this code reads the compact layout of version "
+                           f"{SCHEMA_VERSION} (one row per user sequence): re-run "
+                           f"`genci-prepare ... --out {dataset_dir} --force`")
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise DatasetError(f"{path}: schema_version {manifest.get('schema_version')!r}, "
                            f"this code reads {SCHEMA_VERSION}")

@@ -53,18 +53,28 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from data_pipes.batch import Batch
-from data_pipes.collate import Rows, decode_rows, gather_batch, load_item_tokens
+from data_pipes.collate import Rows, gather_batch, load_item_tokens
 from data_pipes.memory import keep_freed_memory as _keep_freed_memory
 from data_pipes.quiet import quiet_known_warnings
 from data_pipes.schema import (
-    HISTORY,
-    ITEM,
-    LABEL,
+    LABELS,
+    MANIFEST,
+    SEQ_ITEMS,
+    SEQ_SPLITS,
+    SEQUENCES,
     SPLITS,
     USER,
     DatasetError,
     feature_specs,
     load_manifest,
+)
+from data_pipes.sequences import (
+    concat_rows,
+    expand_rows,
+    group_where,
+    load_item_side,
+    manifest_max_history,
+    user_columns,
 )
 from data_pipes.verify import check_split_files
 
@@ -77,22 +87,29 @@ class RowGroup:
     offset: int     # global row index of its first row within the split
 
 
-def list_row_groups(dataset_dir: Path, split: str) -> list[RowGroup]:
+def list_row_groups(dataset_dir: Path, split: str,
+                    manifest: dict[str, Any] | None = None) -> list[RowGroup]:
+    """The sequence row groups holding samples of `split`, in file order, each with that
+    split's sample count (the manifest's per-group counts: no file is opened)."""
     if split not in SPLITS:
         raise DatasetError(f"unknown split {split!r}; expected one of {SPLITS}")
-    files = sorted((Path(dataset_dir) / split).glob("*.parquet"))
-    if not files:
-        raise DatasetError(f"{Path(dataset_dir) / split}: no Parquet shards")
+    dataset_dir = Path(dataset_dir)
+    manifest = load_manifest(dataset_dir) if manifest is None else manifest
+    code = SPLITS.index(split)
+    rels = sorted(r for r in manifest.get("files", {}) if r.startswith(f"{SEQUENCES}/"))
+    if not rels:
+        raise DatasetError(f"{dataset_dir / SEQUENCES}: no sequence shards in the manifest")
     out, offset = [], 0
-    for f in files:
+    for rel in rels:
         try:
-            meta = pq.ParquetFile(f).metadata
-        except (pa.ArrowInvalid, OSError) as e:
-            raise DatasetError(f"{f}: not a readable Parquet file ({e})") from None
-        for g in range(meta.num_row_groups):
-            n = meta.row_group(g).num_rows
-            out.append(RowGroup(f, g, n, offset))
-            offset += n
+            groups = [int(g[code]) for g in manifest["files"][rel]["groups"]]
+        except (KeyError, TypeError, ValueError, IndexError):
+            raise DatasetError(f"{dataset_dir / 'manifest.json'}: files[{rel!r}] has no "
+                               "per-row-group sample counts ('groups')") from None
+        for g, n in enumerate(groups):
+            if n:
+                out.append(RowGroup(dataset_dir / rel, g, n, offset))
+                offset += n
     return out
 
 
@@ -131,13 +148,17 @@ class EpochPlan:
 
     def __init__(self, groups: list[RowGroup], epoch: int, seed: int, shuffle: bool, rank: int,
                  world_size: int, batch_size: int, drop_last: bool = False,
-                 bucket_window: int = 0) -> None:
+                 bucket_window: int = 0, shuffle_block: int = 1) -> None:
         self.groups = groups
         self.seed, self.epoch, self.shuffle, self.rank = seed, epoch, shuffle, rank
         n = sum(g.rows for g in groups)
-        self.order = (np.random.default_rng((seed, epoch)).permutation(len(groups)) if shuffle
-                      else np.arange(len(groups)))
-        sizes = np.array([groups[i].rows for i in self.order], dtype=np.int64)
+        order = (np.random.default_rng((seed, epoch)).permutation(len(groups)) if shuffle
+                 else np.arange(len(groups)))
+        self.order = order
+        m = max(1, int(shuffle_block))
+        # the plan's unit: a block of m consecutive groups of the epoch order
+        self.blocks = [order[i:i + m] for i in range(0, len(groups), m)]
+        sizes = np.array([sum(groups[g].rows for g in b) for b in self.blocks], dtype=np.int64)
         self.starts = np.r_[0, np.cumsum(sizes)]          # sequence start of each ordered group
         lo, hi = n * rank // world_size, n * (rank + 1) // world_size
         steps = num_steps(n, world_size, batch_size, drop_last)
@@ -186,12 +207,20 @@ class EpochPlan:
         rng = np.random.default_rng((self.seed, self.epoch, 1 << 20, w))
         return [batches[i] for i in rng.permutation(len(batches))]
 
+    def block_rows(self, k: int) -> int:
+        return int(self.starts[k + 1] - self.starts[k])
+
     def row_perm(self, k: int) -> np.ndarray:
-        """Row order inside the k-th group of the epoch order."""
-        g = int(self.order[k])
+        """Row order inside the k-th block of the epoch order (its groups' rows jointly)."""
         if not self.shuffle:
-            return np.arange(self.groups[g].rows)
-        return np.random.default_rng((self.seed, self.epoch, g)).permutation(self.groups[g].rows)
+            return np.arange(self.block_rows(k))
+        return np.random.default_rng((self.seed, self.epoch, int(self.blocks[k][0]))
+                                     ).permutation(self.block_rows(k))
+
+    def row_ids(self, k: int) -> np.ndarray:
+        """Split row index of each row of block k, in the block's file order."""
+        return np.concatenate([self.groups[g].offset + np.arange(self.groups[g].rows)
+                               for g in self.blocks[k]])
 
     @functools.cached_property
     def _index(self) -> np.ndarray:
@@ -240,7 +269,8 @@ class EpochPlan:
 class _WorkerCache:
     """What one iterator (one worker) keeps between batches."""
 
-    groups: dict[int, tuple[Rows, np.ndarray]] = field(default_factory=dict)  # by order k
+    # decoded blocks by order k: (rows, row order this epoch, split row ids in file order)
+    groups: dict[int, tuple[Rows, np.ndarray, np.ndarray]] = field(default_factory=dict)
     # open files and the columns read from each
     files: dict[Path, tuple[pq.ParquetFile, list[str]]] = field(default_factory=dict)
     # Read-ahead: one thread reads the groups this iterator needs next from Parquet, in order
@@ -261,8 +291,9 @@ class StreamingSplit(IterableDataset):
                  pad_history_to: int | None = None, max_history: int | None = None,
                  drop_last: bool = False, bucket_window: int = 0,
                  with_history_ids: bool = True, read_ahead: bool = True,
-                 check_files: bool = True) -> None:
+                 check_files: bool = True, shuffle_block: int = 16) -> None:
         super().__init__()
+        self.shuffle_block = max(1, int(shuffle_block))
         self.read_ahead = read_ahead
         self.bucket_window = bucket_window if shuffle else 0
         self.drop_last = drop_last
@@ -276,8 +307,12 @@ class StreamingSplit(IterableDataset):
         if check_files:   # the shards are the manifest's, byte for byte (data_pipes/verify.py)
             check_split_files(self.dataset_dir, split, manifest)
         self.features = feature_specs(manifest)
-        self.columns = [USER, ITEM, LABEL, HISTORY, *(f.name for f in self.features)]
-        self.groups = list_row_groups(self.dataset_dir, split)
+        stored = manifest_max_history(manifest, self.dataset_dir / MANIFEST)
+        self.history_cap = stored if max_history is None else min(stored, max_history)
+        self.columns = [USER, *(f.name for f in user_columns(self.features)), SEQ_ITEMS,
+                        LABELS, SEQ_SPLITS]
+        self.groups = list_row_groups(self.dataset_dir, split, manifest)
+        self.item_side = load_item_side(self.dataset_dir, self.features)
         self.item_tokens = load_item_tokens(self.dataset_dir)[0] if with_tokens else None
         self.epoch = 0
         self._next = 0       # next batch index of this worker's next yield
@@ -290,72 +325,83 @@ class StreamingSplit(IterableDataset):
     def plan(self) -> EpochPlan:
         return EpochPlan(self.groups, self.epoch, self.seed, self.shuffle, self.rank,
                          self.world_size, self.batch_size, self.drop_last,
-                         self.bucket_window)
+                         self.bucket_window, self.shuffle_block)
 
     def __len__(self) -> int:
         return self.plan().steps
 
-    def _read(self, plan: EpochPlan, k: int, cache: _WorkerCache) -> tuple[Rows, np.ndarray]:
-        """(the k-th group of the epoch order, decoded and validated once; its row order this
-        epoch), cached per worker while batches still need it."""
+    def _read(self, plan: EpochPlan, k: int, cache: _WorkerCache
+              ) -> tuple[Rows, np.ndarray, np.ndarray]:
+        """(the k-th block of the epoch order, decoded and validated once; its row order this
+        epoch; its rows' split row ids), cached per worker while batches still need it."""
         if k not in cache.groups:
             if cache.pool is None:
-                table = self._read_table(plan, k, cache)
+                tables = self._read_tables(plan, k, cache)
             else:   # read ahead or, out of sequence, now; the thread's errors re-raise here
                 fut = (cache.pending.pop(k, None)
-                       or cache.pool.submit(self._read_table, plan, k, cache))
-                table = fut.result()
-            cache.groups[k] = self._decode(plan, k, table)
+                       or cache.pool.submit(self._read_tables, plan, k, cache))
+                tables = fut.result()
+            cache.groups[k] = self._decode(plan, k, tables)
         return cache.groups[k]
 
     def _top_up(self, plan: EpochPlan, cache: _WorkerCache) -> None:
-        """Keeps one group in flight on the read-ahead thread: the next one first used."""
+        """Keeps one block in flight on the read-ahead thread: the next one first used."""
         while cache.pool is not None and not cache.pending and cache.upcoming:
             k = cache.upcoming.popleft()
             if k not in cache.groups:
-                cache.pending[k] = cache.pool.submit(self._read_table, plan, k, cache)
+                cache.pending[k] = cache.pool.submit(self._read_tables, plan, k, cache)
 
-    def _read_table(self, plan: EpochPlan, k: int, cache: _WorkerCache) -> pa.Table:
-        """The k-th group of the epoch order as read from Parquet (the read-ahead thread's
-        whole job: Arrow reads without holding the GIL, so it overlaps the gathering thread;
-        decoding there too was slower, 0.39 → 0.32 s wall per ML-1M epoch, the data_pipes/bench_reader.py docstring)."""
-        g = plan.groups[int(plan.order[k])]
-        try:
-            # The file stays open (re-opening re-parses its footer for every row group);
-            # only a few are kept open. Only the columns a Batch uses are decoded (a
-            # missing one is left out here and named by decode_rows), and on this thread:
-            # Arrow's pool costs ~25% more CPU for these small row groups and competes
-            # with the trainer's threads (measured, the data_pipes/bench_reader.py docstring).
-            if g.path not in cache.files:
-                if len(cache.files) >= 4:
-                    del cache.files[next(iter(cache.files))]
-                pf = pq.ParquetFile(g.path)
-                present = set(pf.schema_arrow.names)
-                cache.files[g.path] = (pf, [c for c in self.columns if c in present])
-            pf, columns = cache.files[g.path]
-            return pf.read_row_group(g.index, use_threads=False, columns=columns)
-        except (pa.ArrowInvalid, OSError) as e:
-            raise DatasetError(f"{g.path}: row group {g.index} unreadable ({e})") from None
+    def _read_tables(self, plan: EpochPlan, k: int, cache: _WorkerCache) -> list[pa.Table]:
+        """The row groups of the k-th block of the epoch order as read from Parquet (the
+        read-ahead thread's whole job: Arrow reads without holding the GIL, so it overlaps the
+        gathering thread; decoding there too was slower, the data_pipes/bench_reader.py
+        docstring)."""
+        out = []
+        for gi in plan.blocks[k]:
+            g = plan.groups[int(gi)]
+            try:
+                # The file stays open (re-opening re-parses its footer for every row group);
+                # only a few are kept open. Only the columns a Batch uses are decoded (a
+                # missing one is left out here and named by the decoding), and on this
+                # thread: Arrow's pool costs ~25% more CPU for these small row groups and
+                # competes with the trainer's threads (the data_pipes/bench_reader.py
+                # docstring).
+                if g.path not in cache.files:
+                    if len(cache.files) >= 4:
+                        del cache.files[next(iter(cache.files))]
+                    pf = pq.ParquetFile(g.path)
+                    present = set(pf.schema_arrow.names)
+                    cache.files[g.path] = (pf, [c for c in self.columns if c in present])
+                pf, columns = cache.files[g.path]
+                out.append(pf.read_row_group(g.index, use_threads=False, columns=columns))
+            except (pa.ArrowInvalid, OSError) as e:
+                raise DatasetError(f"{g.path}: row group {g.index} unreadable ({e})") from None
+        return out
 
-    def _decode(self, plan: EpochPlan, k: int, table: pa.Table) -> tuple[Rows, np.ndarray]:
-        """Validates and decodes the k-th group's table (data_pipes.collate.decode_rows)."""
-        g = plan.groups[int(plan.order[k])]
-
-        def where(row: int | None, g: RowGroup = g) -> str:  # only called to word an error
-            return (f"{g.path} (row group {g.index})" if row is None
-                    else f"{g.path} (row group {g.index}, row {row})")
-
-        rows = decode_rows(table, self.features, where, self.max_history,
-                           None if self.item_tokens is None else self.item_tokens.shape[0],
-                           dense_history=self.with_history_ids
-                           or self.item_tokens is not None)
-        return rows, plan.row_perm(k)
+    def _decode(self, plan: EpochPlan, k: int, tables: list[pa.Table]
+                ) -> tuple[Rows, np.ndarray, np.ndarray]:
+        """Validates the k-th block's row groups and cuts this split's samples out of them
+        (data_pipes.sequences.expand_rows), as one Rows."""
+        code = SPLITS.index(self.split)
+        parts = []
+        for gi, table in zip(plan.blocks[k], tables, strict=True):
+            g = plan.groups[int(gi)]
+            rows = expand_rows(table, code, self.features, self.item_side,
+                               group_where(g.path, g.index), self.history_cap,
+                               None if self.item_tokens is None else self.item_tokens.shape[0],
+                               dense_history=self.with_history_ids
+                               or self.item_tokens is not None)
+            if rows.scalars.shape[0] != g.rows:
+                raise DatasetError(f"{g.path} (row group {g.index}): {rows.scalars.shape[0]} "
+                                   f"{self.split} samples, the manifest says {g.rows}")
+            parts.append(rows)
+        return concat_rows(parts), plan.row_perm(k), plan.row_ids(k)
 
     def _lengths(self, plan: EpochPlan, cache: _WorkerCache,
                  k: int) -> tuple[np.ndarray, np.ndarray]:
         """(history lengths of the k-th group's rows, capped at max_history; its row order):
         what `EpochPlan.bucket` sorts by, from the decoded group the window's batches read."""
-        rows, perm = self._read(plan, k, cache)
+        rows, perm, _ = self._read(plan, k, cache)
         self._top_up(plan, cache)   # keep the read-ahead thread on the window's next group
         return rows.hist_len, perm
 
@@ -374,10 +420,10 @@ class StreamingSplit(IterableDataset):
             positions = cache.window[1][j - w * plan.window]
         parts, row_ids = [], []
         for k, pos in plan.segments(j, positions):
-            rows, perm = self._read(plan, k, cache)
-            idx = perm[pos]      # this batch's rows of the group: a gather, no group shuffle
+            rows, perm, ids = self._read(plan, k, cache)
+            idx = perm[pos]      # this batch's rows of the block: a gather, no block shuffle
             parts.append((rows, idx))
-            row_ids.append(plan.groups[int(plan.order[k])].offset + idx)
+            row_ids.append(ids[idx])
         return gather_batch(parts, np.concatenate(row_ids) if len(row_ids) > 1 else row_ids[0],
                             self.features, self.item_tokens, self.pad_history_to,
                             self.with_history_ids)
@@ -441,7 +487,7 @@ def build_loader(dataset_dir: str | Path, split: str, *, batch_size: int, rank: 
                  with_tokens: bool = True, max_history: int | None = None,
                  bucket_window: int = 0, with_history_ids: bool = True,
                  keep_freed_memory: bool = False, read_ahead: bool = True,
-                 check_files: bool = True) -> StatefulDataLoader:
+                 check_files: bool = True, shuffle_block: int = 16) -> StatefulDataLoader:
     """A StatefulDataLoader over this rank's batches (batches are built in the dataset).
     drop_last=False: every sample exactly once, ⌈⌈N/W⌉/batch⌉ steps per rank, the last batches
     may be short. drop_last=True: ⌊⌊N/W⌋/batch⌋ full batches per rank, the rest is skipped.
@@ -461,7 +507,8 @@ def build_loader(dataset_dir: str | Path, split: str, *, batch_size: int, rank: 
                         with_tokens=with_tokens, pad_history_to=pad_history_to,
                         max_history=max_history, drop_last=drop_last,
                         bucket_window=bucket_window, with_history_ids=with_history_ids,
-                        read_ahead=read_ahead, check_files=check_files)
+                        read_ahead=read_ahead, check_files=check_files,
+                        shuffle_block=shuffle_block)
     # Its own generator: creating an iterator draws a base seed, which must not consume the
     # global torch RNG (dropout masks) or a resumed run would diverge from an uninterrupted one.
     return StatefulDataLoader(ds, batch_size=None, num_workers=num_workers,
@@ -483,5 +530,5 @@ def _init_worker(keep_freed: bool, _worker_id: int) -> None:
 def steps_per_epoch(dataset_dir: str | Path, split: str, *, batch_size: int,
                     world_size: int, drop_last: bool = False) -> int:
     """Batches every rank yields per epoch (from Parquet metadata, no scan)."""
-    n = sum(g.rows for g in list_row_groups(Path(dataset_dir), split))
+    n = sum(g.rows for g in list_row_groups(Path(dataset_dir), split))  # the manifest's
     return num_steps(n, world_size, batch_size, drop_last)

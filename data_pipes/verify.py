@@ -5,11 +5,12 @@
 - every file the manifest lists: present, its size (when the manifest records it) and sha256;
   a Parquet shard in a split folder that the manifest does not list is a problem too;
 - every Parquet file opens, with the row and row-group counts the manifest records;
-- sample shards have every column a Batch is built from, with strict types (ids: integers;
-  label: integer or bool; history and multi-valued features: lists of integers; timestamp:
-  integer) and, row group by row group, the reader's own validation
-  (`data_pipes.collate.decode_rows`): no nulls, labels in {0, 1} (NaN, inf refused), ids
-  within the manifest's cardinalities. A row group reports its first problem only;
+- sequence shards have every column (user id and user features: integers or lists of them;
+  items, labels, timestamps, splits: lists of integers) and, row group by row group, the
+  reader's own validation (`data_pipes.sequences.cut_samples`): no nulls, labels in {0, 1},
+  split codes in {0, 1, 2}, equal list lengths per row, ids within the manifest's
+  cardinalities; each group's sample count per split equals the manifest's ``groups``. A row
+  group reports its first problem only;
 - items.parquet / users.parquet: key column 1..n, feature ids within range, no nulls.
 
 Each problem is one line naming the file and, where it applies, the row group, the row and
@@ -42,12 +43,12 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from data_pipes.collate import check_ids, check_nulls, check_schema, decode_rows, sample_columns
+from data_pipes.collate import check_ids, check_nulls, check_schema
 from data_pipes.schema import (
     ITEM,
     ITEMS,
+    SEQUENCES,
     SPLITS,
-    TIMESTAMP,
     USER,
     USERS,
     DatasetError,
@@ -55,6 +56,7 @@ from data_pipes.schema import (
     feature_specs,
     load_manifest,
 )
+from data_pipes.sequences import cut_samples, sequence_columns
 from data_pipes.writer import sha256_file
 
 CACHE = ".verified-files.json"
@@ -99,15 +101,15 @@ def _hash_problem(path: Path, entry: dict[str, Any]) -> tuple[str | None, str]:
 
 def check_split_files(dataset_dir: str | Path, split: str,
                       manifest: dict[str, Any] | None = None) -> None:
-    """The load-time check of the files a run of `split` reads: its shards are exactly those
-    the manifest lists, each with the manifest's size and sha256 (hashed only when its (size,
-    mtime_ns) is not in the cache). A DatasetError names the first bad file and what
-    differs."""
+    """The load-time check of the files a run of `split` reads (every split reads the
+    sequence shards): they are exactly those the manifest lists, each with the manifest's size
+    and sha256 (hashed only when its (size, mtime_ns) is not in the cache). A DatasetError
+    names the first bad file and what differs."""
     dataset_dir = Path(dataset_dir)
     manifest = load_manifest(dataset_dir) if manifest is None else manifest
     listed = _listed(manifest, dataset_dir / "manifest.json")
-    rels = sorted(r for r in listed if r.startswith(f"{split}/"))
-    on_disk = {f"{split}/{p.name}" for p in (dataset_dir / split).glob("*.parquet")}
+    rels = sorted(r for r in listed if r.startswith(f"{SEQUENCES}/"))
+    on_disk = {f"{SEQUENCES}/{p.name}" for p in (dataset_dir / SEQUENCES).glob("*.parquet")}
     extra = sorted(on_disk - set(rels))
     if extra:
         raise DatasetError(f"{dataset_dir / extra[0]}: not listed in the manifest (a shard "
@@ -187,10 +189,9 @@ def verify_dataset(dataset_dir: str | Path) -> Report:
         rep.add(str(e) if isinstance(e, DatasetError) else
                 f"{dataset_dir / 'manifest.json'}: unreadable feature list ({_one_line(e)})")
         return rep
-    for split in SPLITS:
-        for p in sorted((dataset_dir / split).glob("*.parquet")):
-            if f"{split}/{p.name}" not in listed:
-                rep.add(f"{p}: not listed in the manifest (a shard the writer did not write)")
+    for p in sorted((dataset_dir / SEQUENCES).glob("*.parquet")):
+        if f"{SEQUENCES}/{p.name}" not in listed:
+            rep.add(f"{p}: not listed in the manifest (a shard the writer did not write)")
     for rel in sorted(listed):
         entry, path = listed[rel], dataset_dir / rel
         problem = _stat_problem(path, entry)
@@ -225,8 +226,13 @@ def _verify_parquet(dataset_dir: Path, rel: str, entry: dict[str, Any],
                     f"{int(entry[what])}")
     rep.rows += meta.num_rows
     rep.row_groups += meta.num_row_groups
-    if rel.split("/")[0] in SPLITS:
-        columns = sample_columns(features) | {TIMESTAMP: "int"}
+    if rel.split("/")[0] == SEQUENCES:
+        columns = sequence_columns(features)
+        groups = entry.get("groups")
+        if not isinstance(groups, list) or len(groups) != meta.num_row_groups:
+            rep.add(f"{path}: the manifest's per-row-group sample counts ('groups') do not "
+                    f"list its {meta.num_row_groups} row groups")
+            groups = None
     elif rel in (ITEMS, USERS):
         side, key = ("item", ITEM) if rel == ITEMS else ("user", USER)
         columns = {key: "int"} | {f.name: "ints" if f.multi else "int" for f in features
@@ -239,6 +245,7 @@ def _verify_parquet(dataset_dir: Path, rel: str, entry: dict[str, Any],
         rep.add(str(e))
         return
     start = 1
+    item_card = next((f.cardinality for f in features if f.name == ITEM), None)
     for g in range(meta.num_row_groups):
         def where(row: int | None, g: int = g) -> str:
             return (f"{path} (row group {g})" if row is None
@@ -248,8 +255,11 @@ def _verify_parquet(dataset_dir: Path, rel: str, entry: dict[str, Any],
             if rel in (ITEMS, USERS):
                 start = _check_side_table(table, key, columns, features, where, start)
             else:
-                check_nulls(table, [TIMESTAMP], where)
-                decode_rows(table, features, where, dense_history=False)
+                for code, split in enumerate(SPLITS):
+                    n = cut_samples(table, code, 0, features, where, item_card).item.size
+                    if groups is not None and int(groups[g][code]) != n:
+                        raise DatasetError(f"{where(None)}: {n} {split} samples, the "
+                                           f"manifest says {int(groups[g][code])}")
         except DatasetError as e:
             rep.add(str(e))
         except Exception as e:  # noqa: BLE001 - a damaged page: name the group, go on

@@ -1,4 +1,4 @@
-"""Writes a prepared dataset (SPEC §2): sample shards, items/users tables and the manifest,
+"""Writes a prepared dataset (SPEC §2): sequence shards, items/users tables and the manifest,
 into a temporary folder that is published by one rename, so a failed prepare leaves nothing
 that looks complete.
 """
@@ -21,21 +21,19 @@ import pyarrow.parquet as pq
 
 from data_pipes.protocol import Samples
 from data_pipes.schema import (
-    HISTORY,
     ITEM,
     ITEMS,
-    LABEL,
     MANIFEST,
     RAW_ID,
     SCHEMA_VERSION,
     SPLITS,
     TEXT,
-    TIMESTAMP,
     USER,
     USERS,
     DatasetError,
     FeatureSpec,
 )
+from data_pipes.sequences import SequenceWriter, sequence_table
 
 
 @dataclass
@@ -74,24 +72,6 @@ def feature_list(user: SideTable, item: SideTable) -> list[FeatureSpec]:
             vals = lst.values.to_numpy(zero_copy_only=False)
             out.append(FeatureSpec(name, side, True, int(vals.max(initial=0)) + 1))
     return out
-
-
-def sample_table(s: Samples, user: SideTable, item: SideTable,
-                 features: list[FeatureSpec]) -> pa.Table:
-    cols: dict[str, Any] = {
-        USER: pa.array(s.user, pa.int32()), ITEM: pa.array(s.item, pa.int32()),
-        LABEL: pa.array(s.label, pa.int8()), TIMESTAMP: pa.array(s.timestamp, pa.int64()),
-        HISTORY: list_array(s.hist_offsets, s.hist_values),
-    }
-    for f in features:
-        if f.name in (USER, ITEM):
-            continue
-        tbl, ids = (user, s.user) if f.side == "user" else (item, s.item)
-        if f.multi:
-            cols[f.name] = tbl.multi[f.name].take(pa.array(ids))
-        else:
-            cols[f.name] = pa.array(tbl.single[f.name][ids], pa.int32())
-    return pa.table(cols)
 
 
 def side_table(tbl: SideTable, key: str, features: list[FeatureSpec], side: str) -> pa.Table:
@@ -137,18 +117,31 @@ def staging(out_dir: Path, force: bool) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_split(tmp: Path, split: str, table: pa.Table, row_group_size: int, shard_rows: int,
-                files: dict[str, Any], tick: Callable[[int], None]) -> None:
-    (tmp / split).mkdir()
-    shard_rows = max(row_group_size, shard_rows // row_group_size * row_group_size)
-    n = table.num_rows
-    for k, start in enumerate(range(0, max(n, 1), shard_rows)):
-        part = table.slice(start, shard_rows)
-        rel = f"{split}/part-{k:05d}.parquet"
-        pq.write_table(part, tmp / rel, row_group_size=row_group_size)
-        files[rel] = {"rows": part.num_rows,
-                      "row_groups": pq.ParquetFile(tmp / rel).metadata.num_row_groups}
-        tick(part.num_rows)
+def split_counts(samples: Samples) -> dict[str, dict[str, Any]]:
+    """The manifest's per-split counts (rows, positives, positive_rate, avg_history) and,
+    under "hist", the split's total history length (to merge partitions' counts)."""
+    hist_len = np.diff(samples.hist_offsets)
+    out = {}
+    for code, split in enumerate(SPLITS):
+        sel = samples.split == code
+        n = int(sel.sum())
+        out[split] = {"rows": n, "positives": int(samples.label[sel].sum()),
+                      "hist": int(hist_len[sel].sum())}
+    return out
+
+
+def finish_counts(counts: dict[str, dict[str, int]], base: dict[str, Any]) -> dict[str, Any]:
+    """Merged per-split {rows, positives, hist} → the manifest's `counts` (with `base`)."""
+    total = sum(counts[s]["rows"] for s in SPLITS)
+    out = dict(base, samples=total)
+    for s in SPLITS:
+        c = counts[s]
+        out[s] = {"rows": c["rows"], "positives": c["positives"],
+                  "positive_rate": c["positives"] / c["rows"] if c["rows"] else 0.0,
+                  "avg_history": c["hist"] / c["rows"] if c["rows"] else 0.0}
+    out["positive_rate"] = sum(counts[s]["positives"] for s in SPLITS) / max(total, 1)
+    out["avg_history"] = sum(counts[s]["hist"] for s in SPLITS) / max(total, 1)
+    return out
 
 
 def write_dataset(out_dir: Path, *, dataset: str, protocol: dict[str, Any], samples: Samples,
@@ -160,23 +153,15 @@ def write_dataset(out_dir: Path, *, dataset: str, protocol: dict[str, Any], samp
     if len(samples) == 0:
         raise DatasetError(f"{dataset}: no samples to write")
     features = feature_list(user, item)
-    files: dict[str, Any] = {}
-    counts: dict[str, Any] = {"samples": len(samples),
-                              # table sizes (every user/item has at least one sample here)
-                              "users": len(user.raw_ids), "items": len(item.raw_ids),
-                              "n_users": len(user.raw_ids), "n_items": len(item.raw_ids)}
-    hist_len = np.diff(samples.hist_offsets)
+    # table sizes (every user/item has at least one sample here)
+    counts = finish_counts(split_counts(samples), {
+        "users": len(user.raw_ids), "items": len(item.raw_ids),
+        "n_users": len(user.raw_ids), "n_items": len(item.raw_ids)})
     with staging(Path(out_dir), force) as tmp:
-        for code, split in enumerate(SPLITS):
-            idx = np.flatnonzero(samples.split == code)
-            if split == "train":  # readers take contiguous runs: store train globally shuffled
-                idx = idx[np.random.default_rng(seed).permutation(idx.size)]
-            part = samples.take(idx)
-            write_split(tmp, split, sample_table(part, user, item, features), row_group_size,
-                        shard_rows, files, tick)
-            counts[split] = {"rows": int(idx.size), "positives": int(part.label.sum()),
-                             "positive_rate": float(part.label.mean()) if idx.size else 0.0,
-                             "avg_history": float(hist_len[idx].mean()) if idx.size else 0.0}
+        seqs = SequenceWriter(tmp, row_group_size, shard_rows)
+        seqs.add(sequence_table(samples, user.single, user.multi, seed))
+        files: dict[str, Any] = seqs.close()
+        tick(len(samples))
         pq.write_table(side_table(item, ITEM, features, "item"), tmp / ITEMS)
         pq.write_table(side_table(user, USER, features, "user"), tmp / USERS)
         files[ITEMS] = {"rows": len(item.raw_ids)}
@@ -184,8 +169,6 @@ def write_dataset(out_dir: Path, *, dataset: str, protocol: dict[str, Any], samp
         for rel in files:   # what `genci-prepare verify` and the reader check files against
             files[rel]["bytes"] = (tmp / rel).stat().st_size
             files[rel]["sha256"] = sha256_file(tmp / rel)
-        counts["positive_rate"] = float(samples.label.mean())
-        counts["avg_history"] = float(hist_len.mean())
         manifest = {"schema_version": SCHEMA_VERSION, "dataset": dataset, "protocol": protocol,
                     "counts": counts, "features": [f.to_json() for f in features],
                     "row_group_size": row_group_size, "files": files, "source": source or {}}

@@ -61,6 +61,11 @@ class DataConfig:
     bucket_window: int = 0
     """Training length bucketing: sort the samples of every W consecutive batches by history
     length before cutting them into batches (0 = off). Same samples per epoch, less padding."""
+    shuffle_block: int = 16
+    """Training shuffle: the shuffled order of sequence row groups (each a random set of whole
+    users) is cut into blocks of this many groups whose samples are shuffled jointly, so a
+    batch mixes the samples of ~shuffle_block times more users; a reader worker holds one
+    block decoded (1 = shuffle inside each row group only)."""
     seed: int = 2024
 
     def __post_init__(self) -> None:
@@ -73,6 +78,7 @@ class DataConfig:
         check_value("data.num_workers", self.num_workers, ge=0)
         check_value("data.pad_history_to", self.pad_history_to, ge=0)
         check_value("data.bucket_window", self.bucket_window, ge=0)
+        check_value("data.shuffle_block", self.shuffle_block, ge=1)
 
 
 @dataclass(frozen=True)

@@ -55,15 +55,18 @@ def _write_hand_dataset(root: Path) -> Path:
                              "genres": pa.array([GENRES[i] for i in ids],
                                                 pa.list_(pa.int32()))}),
                    root / "items.parquet")
-    for split in ("train", "valid", "test"):
-        rows = [r for r in ROWS if r[3] == split]
-        (root / split).mkdir()
-        pq.write_table(pa.table({
-            "user_id": pa.array([r[0] for r in rows], pa.int32()),
-            "item_id": pa.array([r[1] for r in rows], pa.int32()),
-            "label": pa.array([1] * len(rows), pa.int8()),
-            "timestamp": pa.array([r[2] for r in rows], pa.int64())}),
-            root / split / "part-00000.parquet")
+    (root / "sequences").mkdir()   # one row per user, positions in file order (any order)
+    code = {"train": 0, "valid": 1, "test": 2}
+    users = sorted({r[0] for r in ROWS})
+    seqs = {u: [r for r in ROWS if r[0] == u] for u in users}
+    pq.write_table(pa.table({
+        "user_id": pa.array(users, pa.int32()),
+        "items": pa.array([[r[1] for r in seqs[u]] for u in users], pa.list_(pa.int32())),
+        "labels": pa.array([[1] * len(seqs[u]) for u in users], pa.list_(pa.int8())),
+        "timestamps": pa.array([[r[2] for r in seqs[u]] for u in users], pa.list_(pa.int64())),
+        "splits": pa.array([[code[r[3]] for r in seqs[u]] for u in users],
+                           pa.list_(pa.int8()))}),
+        root / "sequences" / "part-00000.parquet")
     return root
 
 

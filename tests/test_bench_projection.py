@@ -30,7 +30,7 @@ def test_arithmetic_by_hand() -> None:
 def test_measure_dataset(tiny_dataset: Path) -> None:
     m = pj.measure_dataset(tiny_dataset)
     manifest = load_manifest(tiny_dataset)
-    files = sorted((tiny_dataset / "train").glob("*.parquet"))
+    files = sorted((tiny_dataset / "sequences").glob("*.parquet"))
     assert files and m.train_bytes == sum(f.stat().st_size for f in files)
     assert m.train_rows == manifest["counts"]["train"]["rows"]
     assert m.bytes_per_sample == m.train_bytes / m.train_rows

@@ -23,12 +23,12 @@ P(two consecutive items share a topic) = 0.49 · 0.8 + 0.51 / 40 = 0.40475.
 Every draw is vectorised: the topic walk is a cumulative sum per user, and items are drawn by
 inverse CDF, one ``searchsorted`` per chunk over the catalogue's per-topic cumulative
 popularity (topic c's segment rises from c to c + 1). Users are generated, turned into samples
-(the same protocol as real data) and converted to Arrow in chunks of CHUNK_USERS; chunk k's
-output depends only on (seed, k), so ``--workers N`` generates chunks in N processes while the
-parent writes them in order: the files are byte-identical for any N. Row groups hold exactly
-``--row-group-size`` rows and shards exactly ``--shard-rows`` (rounded down to whole row
-groups), except the last of each split. The train split is shuffled within each chunk (the
-reader shuffles row groups). Memory: the catalogue (≈ 40 bytes per item) plus a few chunks.
+(the same protocol as real data) and converted to sequence rows (data_pipes/sequences.py, one
+per user, in a seeded order within the chunk) in chunks of CHUNK_USERS; chunk k's output
+depends only on (seed, k), so ``--workers N`` generates chunks in N processes while the parent
+writes them in order: the files are byte-identical for any N. Row groups hold about
+``--row-group-size`` interactions and shards about ``--shard-rows`` (whole users). Memory: the
+catalogue (≈ 40 bytes per item) plus a few chunks.
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ from data_pipes.schema import (
     FeatureSpec,
     manifest_summary,
 )
-from data_pipes.writer import SideTable, sample_table, sha256_file, staging
+from data_pipes.sequences import SequenceWriter, sequence_table
+from data_pipes.writer import finish_counts, sha256_file, split_counts, staging
 
 BASE_USERS, BASE_ITEMS = 57_440, 24_588
 N_TOPICS, CATS_PER_TOPIC, STORES_PER_TOPIC = 40, 3, 4
@@ -166,12 +167,13 @@ class ChunkJob:
     chunk_users: int
 
 
-Chunk = tuple[dict[str, tuple[pa.Table, int, int]], int]
+Chunk = tuple[pa.Table, dict[str, dict[str, int]], int]
 
 
 def make_chunk(job: ChunkJob, k: int, cat: Catalogue, features: list[FeatureSpec]) -> Chunk:
-    """Chunk k's samples as ({split: (Arrow table, positives, history values)}, interactions
-    generated before the label rule); a function of (job, k) only."""
+    """Chunk k as (its sequence rows, per-split {rows, positives, hist} counts, interactions
+    generated before the label rule); a function of (job, k) only. (`features`: the manifest's;
+    the synthetic users have no side features, so the rows hold the user id only.)"""
     first = 1 + k * job.chunk_users
     count = min(job.chunk_users, job.n_users - first + 1)
     rng = np.random.default_rng([job.seed, 1, k])
@@ -179,18 +181,8 @@ def make_chunk(job: ChunkJob, k: int, cat: Catalogue, features: list[FeatureSpec
     kept, label = apply_label_rule(raw)
     smp = build_samples(kept, label, split=job.split,  # type: ignore[arg-type]
                         max_history=job.max_history, seed=job.seed + first)
-    items = SideTable(np.empty(0, dtype=object), {"store": cat.store},
-                      {"categories": cat.categories})   # sample_table reads features only
-    users = SideTable(np.empty(0, dtype=object), {}, {})
-    out = {}
-    for code, name in enumerate(SPLITS):
-        idx = np.flatnonzero(smp.split == code)
-        if name == "train":
-            idx = idx[rng.permutation(idx.size)]
-        part = smp.take(idx)
-        out[name] = (sample_table(part, users, items, features), int(part.label.sum()),
-                     int(part.hist_offsets[-1]))
-    return out, int(raw.user.size)
+    return (sequence_table(smp, {}, {}, [job.seed, 2, k]), split_counts(smp),
+            int(raw.user.size))
 
 
 # A pool worker's inputs, set once per worker process by the pool initializer (with fork the
@@ -226,57 +218,6 @@ def iter_chunks(job: ChunkJob, cat: Catalogue, features: list[FeatureSpec], work
                 pending.append(pool.submit(_worker_chunk, nxt))
                 nxt += 1
             yield pending.pop(0).result()
-
-
-class SplitWriter:
-    """Writes one split's tables, in order, as row groups of exactly `row_group_size` rows in
-    shards of `shard_rows` rows (a multiple of it), except the last; at least one file."""
-
-    def __init__(self, root: Path, split: str, row_group_size: int, shard_rows: int) -> None:
-        self.root, self.split, self.rgs = root, split, row_group_size
-        self.shard_rows = max(row_group_size, shard_rows // row_group_size * row_group_size)
-        self.pending: list[pa.Table] = []
-        self.pending_rows = 0
-        self.writer: pq.ParquetWriter | None = None
-        self.in_shard = 0
-        self.rels: list[str] = []
-        self.schema: pa.Schema | None = None
-        (root / split).mkdir()
-
-    def add(self, table: pa.Table) -> None:
-        self.schema = self.schema or table.schema
-        self.pending.append(table)
-        self.pending_rows += table.num_rows
-        if self.pending_rows >= self.rgs:
-            whole = pa.concat_tables(self.pending)
-            full = self.pending_rows // self.rgs * self.rgs
-            self._write(whole.slice(0, full))
-            self.pending = [whole.slice(full)]
-            self.pending_rows -= full
-
-    def close(self) -> list[str]:
-        if self.pending_rows or not self.rels:
-            assert self.schema is not None
-            self._write(pa.concat_tables(self.pending) if self.pending
-                        else self.schema.empty_table(), allow_empty=True)
-        if self.writer is not None:
-            self.writer.close()
-        return self.rels
-
-    def _write(self, table: pa.Table, allow_empty: bool = False) -> None:
-        start = 0
-        while start < table.num_rows or (allow_empty and not self.rels):
-            if self.writer is None or self.in_shard == self.shard_rows:
-                if self.writer is not None:
-                    self.writer.close()
-                rel = f"{self.split}/part-{len(self.rels):05d}.parquet"
-                self.writer = pq.ParquetWriter(self.root / rel, table.schema)
-                self.rels.append(rel)
-                self.in_shard = 0
-            take = min(self.shard_rows - self.in_shard, table.num_rows - start)
-            self.writer.write_table(table.slice(start, take), row_group_size=self.rgs)
-            self.in_shard += take
-            start += take
 
 
 def _item_text(cat: Catalogue, lo: int, hi: int) -> list[str]:
@@ -332,38 +273,25 @@ def prepare_synthetic(args: argparse.Namespace) -> dict[str, Any]:
     job = ChunkJob(args.seed, args.split or "leave_one_out", args.max_history or 20, n_users,
                    CHUNK_USERS)
     counts: dict[str, Any] = {s_: {"rows": 0, "positives": 0, "hist": 0} for s_ in SPLITS}
-    files: dict[str, Any] = {}
     with staging(Path(args.out), args.force) as tmp, tqdm(
             total=n_users, desc="synthetic users", disable=args.no_progress) as bar:
-        writers = {name: SplitWriter(tmp, name, args.row_group_size, args.shard_rows)
-                   for name in SPLITS}
+        writer = SequenceWriter(tmp, args.row_group_size, args.shard_rows)
         interactions = 0
-        for chunk, n_raw in iter_chunks(job, cat, features, workers):
+        for table, got, n_raw in iter_chunks(job, cat, features, workers):
             interactions += n_raw
-            for name, (table, positives, hist) in chunk.items():
-                writers[name].add(table)
-                c = counts[name]
-                c["rows"] += table.num_rows
-                c["positives"] += positives
-                c["hist"] += hist
+            writer.add(table)
+            for name, c in got.items():
+                for key, v in c.items():
+                    counts[name][key] += v
             bar.update(min(job.chunk_users, n_users - bar.n))
-        for w in writers.values():
-            for rel in w.close():
-                meta = pq.ParquetFile(tmp / rel).metadata
-                files[rel] = {"rows": meta.num_rows, "row_groups": meta.num_row_groups}
+        files: dict[str, Any] = writer.close()
         write_side_tables(tmp, cat, n_users)
         files[ITEMS], files[USERS] = {"rows": n_items}, {"rows": n_users}
         for rel in files:
+            files[rel]["bytes"] = (tmp / rel).stat().st_size
             files[rel]["sha256"] = sha256_file(tmp / rel)
-        total = sum(c["rows"] for c in counts.values())
-        out_counts: dict[str, Any] = {"samples": total, "users": n_users, "items": n_items,
-                                      "n_users": n_users, "n_items": n_items}
-        for name, c in counts.items():
-            out_counts[name] = {"rows": c["rows"], "positives": c["positives"],
-                                "positive_rate": c["positives"] / max(c["rows"], 1),
-                                "avg_history": c["hist"] / max(c["rows"], 1)}
-        out_counts["positive_rate"] = sum(c["positives"] for c in counts.values()) / max(total, 1)
-        out_counts["avg_history"] = sum(c["hist"] for c in counts.values()) / max(total, 1)
+        out_counts = finish_counts(counts, {"users": n_users, "items": n_items,
+                                            "n_users": n_users, "n_items": n_items})
         manifest = {"schema_version": SCHEMA_VERSION, "dataset": "synthetic",
                     "protocol": {"split": job.split, "max_history": job.max_history,
                                  "seed": args.seed, "scale": s,

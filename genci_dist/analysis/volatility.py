@@ -103,24 +103,28 @@ def item_genre_sets(dataset_dir: str | Path, feature: str | None = None) -> tupl
 
 def read_interactions(dataset_dir: str | Path,
                       splits: Sequence[str] = SPLITS) -> dict[str, np.ndarray]:
-    """user_id, item_id, timestamp, label of every sample of `splits` (column projection only:
-    histories and features are not read)."""
-    out: dict[str, list[np.ndarray]] = {k: [] for k in ("user_id", "item_id", "timestamp",
-                                                         "label", "split")}
-    cols = ["user_id", "item_id", "timestamp", "label"]
-    for i, split in enumerate(splits):
-        folder = Path(dataset_dir) / split
-        if not folder.is_dir():
-            raise AnalysisError(f"{folder}: split folder not found (is {dataset_dir} a "
-                                "prepared dataset?)")
-        try:
-            t = pads.dataset(folder, format="parquet").to_table(columns=cols)
-        except (pa.ArrowInvalid, OSError) as e:
-            raise AnalysisError(f"{folder}: cannot read columns {cols} ({e})") from None
-        for c in cols:
-            out[c].append(t.column(c).to_numpy().astype(np.int64))
-        out["split"].append(np.full(t.num_rows, i, dtype=np.int8))
-    return {k: np.concatenate(v) for k, v in out.items()}
+    """user_id, item_id, timestamp, label and split code of every sample of `splits`, from the
+    sequence shards (one row per user; column projection only: user features are not read)."""
+    folder = Path(dataset_dir) / "sequences"
+    if not folder.is_dir():
+        raise AnalysisError(f"{folder}: sequence folder not found (is {dataset_dir} a "
+                            "prepared dataset?)")
+    cols = ["user_id", "items", "timestamps", "labels", "splits"]
+    try:
+        t = pads.dataset(folder, format="parquet").to_table(columns=cols)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise AnalysisError(f"{folder}: cannot read columns {cols} ({e})") from None
+    lens = pc.list_value_length(t.column("items")).to_numpy(zero_copy_only=False)
+    out = {"user_id": np.repeat(t.column("user_id").to_numpy().astype(np.int64), lens)}
+    for name, col in (("item_id", "items"), ("timestamp", "timestamps"), ("label", "labels"),
+                      ("split", "splits")):
+        flat = pc.list_flatten(t.column(col)).to_numpy()
+        if flat.size != out["user_id"].size:
+            raise AnalysisError(f"{folder}: column {col!r} does not hold one value per "
+                                "position of 'items'")
+        out[name] = flat.astype(np.int8 if name == "split" else np.int64)
+    keep = np.isin(out["split"], [SPLITS.index(s) for s in splits])
+    return {k: v[keep] for k, v in out.items()}
 
 
 def jaccard_volatility(users: np.ndarray, items: np.ndarray, timestamps: np.ndarray,

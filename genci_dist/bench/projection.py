@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from torchrec.distributed.planner import Topology
 
-from data_pipes.schema import FeatureSpec, TokenVocab, feature_specs, load_manifest
+from data_pipes.schema import SEQUENCES, FeatureSpec, TokenVocab, feature_specs, load_manifest
 from genci_dist.config import load_config
 from genci_dist.config_loader import ConfigError
 from genci_dist.errors import ArgumentParser, run_cli
@@ -197,11 +197,12 @@ class DataMeasure:
 
 
 def measure_dataset(dataset_dir: str | Path) -> DataMeasure:
-    """Counts from the manifest, bytes from the train split's files on disk."""
+    """Counts from the manifest; train bytes = the sequence shards on disk, which an epoch of
+    train reads whole (every split's samples are cut from the same user sequences)."""
     d = Path(dataset_dir)
     m = load_manifest(d)
     inter = int(m.get("source", {}).get("interactions") or m["counts"]["samples"])
-    train_bytes = sum(p.stat().st_size for p in (d / "train").glob("*.parquet"))
+    train_bytes = sum(p.stat().st_size for p in (d / SEQUENCES).glob("*.parquet"))
     return DataMeasure(inter, int(m["counts"]["samples"]), int(m["counts"]["train"]["rows"]),
                        train_bytes)
 

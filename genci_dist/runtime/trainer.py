@@ -152,7 +152,7 @@ class Trainer:
             batch_size=batch, rank=self.env.rank, world_size=self.env.world_size,
             num_workers=d.num_workers, read_ahead=d.read_ahead, seed=d.seed, shuffle=shuffle,
             pad_history_to=d.pad_history_to or None, max_history=d.max_history,
-            keep_freed_memory=self.cfg.train.keep_freed_memory,
+            shuffle_block=d.shuffle_block, keep_freed_memory=self.cfg.train.keep_freed_memory,
             **batch_fields(self.cfg.model), bucket_window=d.bucket_window if shuffle else 0)
         return build_loader(self.dataset_dir, split, **(kwargs | overrides))
 

@@ -1,0 +1,485 @@
+"""The compact on-disk layout (SPEC §2, schema version 2): one row per user sequence, from which
+samples and their histories are cut at read time.
+
+Writing: `sequence_table` turns protocol-ordered `Samples` into one row per user (users in a
+seeded random order, so a row group is a random set of users) and `SequenceWriter` cuts such
+tables into row groups of about `row_group_size` interactions (whole users) and shards of
+about `shard_rows` interactions, recording each row group's sample count per split (the
+manifest's ``groups``: the reader plans an epoch from the manifest alone).
+
+Reading: `cut_samples` validates one row group and finds the samples of one split in it with
+their histories (all numpy, no loop per user or sample); `expand_rows` turns that into the
+`Rows` a batch gathers from (data_pipes.collate), with item-side features looked up in
+items.parquet (`ItemSide`, loaded once per process); `read_split_samples` gives a split's
+samples as flat arrays (tests, verify, analysis).
+
+History of the sample at position t = the items of the user's positives at positions < t, the
+most recent `max_history` of them, oldest first: exactly `protocol.build_samples`' history.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_pipes.collate import Rows, _valid_mask, check_ids, check_nulls, check_schema
+from data_pipes.protocol import SPLIT_CODES, Samples
+from data_pipes.schema import (
+    ITEM,
+    ITEMS,
+    LABELS,
+    SEQ_ITEMS,
+    SEQ_SPLITS,
+    SEQUENCES,
+    SPLITS,
+    TIMESTAMPS,
+    USER,
+    DatasetError,
+    FeatureSpec,
+    feature_specs,
+    load_manifest,
+)
+
+# Parquet settings, chosen by measured bytes per interaction (sequence shards rewritten with
+# each setting; ML-100K / synthetic s=1): zstd, no dictionary, PLAIN: 3.55 / 5.17. Parquet's
+# defaults (dictionary, snappy) 6.69 / 10.62; dictionary + zstd 4.75 / 6.88; DELTA_BINARY_PACKED
+# timestamps 4.45 / 4.43 (it wins only on the generator's evenly spaced clock, loses on real
+# ones); BYTE_STREAM_SPLIT timestamps and items 3.60 / 4.84. Dictionaries for labels and split
+# codes change nothing (zstd already squeezes their runs).
+COMPRESSION = "zstd"
+
+
+def user_columns(features: list[FeatureSpec]) -> list[FeatureSpec]:
+    """The user-side features stored in the sequence row (user_id itself excluded)."""
+    return [f for f in features if f.side == "user" and f.name != USER]
+
+
+def sequence_columns(features: list[FeatureSpec], timestamps: bool = True) -> dict[str, str]:
+    """{column: kind} (data_pipes.collate kinds) of a sequence shard."""
+    cols = {USER: "int"}
+    for f in user_columns(features):
+        cols[f.name] = "ints" if f.multi else "int"
+    cols |= {SEQ_ITEMS: "ints", LABELS: "ints", SEQ_SPLITS: "ints"}
+    if timestamps:
+        cols[TIMESTAMPS] = "ints"
+    return cols
+
+
+def _lists(offsets: np.ndarray, values: np.ndarray, vtype: pa.DataType) -> pa.ListArray:
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)),
+                                    pa.array(values, type=vtype))
+
+
+def sequence_table(s: Samples, user_single: dict[str, np.ndarray],
+                   user_multi: dict[str, pa.ListArray], seed: int | list[int]) -> pa.Table:
+    """One row per user of protocol-ordered samples (sorted by user, then position), users in
+    a seeded random order. user_single / user_multi: user-side features indexed by dense id."""
+    n = len(s)
+    starts = np.flatnonzero(np.r_[True, s.user[1:] != s.user[:-1]]) if n else np.zeros(0, int)
+    lens = np.diff(np.r_[starts, n]).astype(np.int64)
+    perm = np.random.default_rng([*(seed if isinstance(seed, list) else [seed]), 7]
+                                 ).permutation(starts.size)
+    lens_p = lens[perm]
+    offsets = np.r_[0, np.cumsum(lens_p)].astype(np.int64)
+    flat = np.repeat(starts[perm] - offsets[:-1], lens_p) + np.arange(n)
+    uid = s.user[starts[perm]].astype(np.int32)
+    cols: dict[str, Any] = {USER: pa.array(uid, pa.int32())}
+    for name, arr in user_single.items():
+        cols[name] = pa.array(arr[uid], pa.int32())
+    for name, lst in user_multi.items():
+        cols[name] = lst.take(pa.array(uid))
+    cols[SEQ_ITEMS] = _lists(offsets, s.item[flat].astype(np.int32), pa.int32())
+    cols[LABELS] = _lists(offsets, s.label[flat].astype(np.int8), pa.int8())
+    cols[TIMESTAMPS] = _lists(offsets, s.timestamp[flat].astype(np.int64), pa.int64())
+    cols[SEQ_SPLITS] = _lists(offsets, s.split[flat].astype(np.int8), pa.int8())
+    return pa.table(cols)
+
+
+def _split_counts(table: pa.Table) -> np.ndarray:
+    """[rows, 3] samples of each split per sequence row."""
+    col = table.column(SEQ_SPLITS).combine_chunks()
+    offsets = col.offsets.to_numpy().astype(np.int64)
+    codes = col.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]].astype(np.int64)
+    row = np.repeat(np.arange(len(col)), np.diff(offsets))
+    out = np.zeros((len(col), 3), dtype=np.int64)
+    np.add.at(out, (row, codes), 1)
+    return out
+
+
+class SequenceWriter:
+    """Writes sequence tables, in order, to `root/sequences/STEM-KKKKK.parquet`: row groups of
+    about `row_group_size` interactions (whole users; a group closes once it reaches the size,
+    so only a user longer than the size makes a larger one), shards of about `shard_rows`
+    interactions. `close()` returns the manifest entries {rel: {rows, row_groups, groups,
+    interactions}} (`groups` = [[train, valid, test] samples per row group])."""
+
+    def __init__(self, root: Path, row_group_size: int, shard_rows: int,
+                 stem: str = "part") -> None:
+        self.root, self.rgs, self.stem = root, max(1, row_group_size), stem
+        self.shard_rows = max(self.rgs, shard_rows)
+        (root / SEQUENCES).mkdir(exist_ok=True)
+        self.pending: list[pa.Table] = []
+        self.pending_n = 0
+        self.writer: pq.ParquetWriter | None = None
+        self.files: dict[str, dict[str, Any]] = {}
+        self.cur: dict[str, Any] | None = None
+        self.schema: pa.Schema | None = None
+
+    def add(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            self.schema = self.schema or table.schema
+            return
+        self.schema = self.schema or table.schema
+        self.pending.append(table)
+        self.pending_n += _n_inter(table)
+        if self.pending_n >= self.rgs:
+            whole = pa.concat_tables(self.pending)
+            cum = np.cumsum(np.diff(whole.column(SEQ_ITEMS).combine_chunks().offsets
+                                    .to_numpy().astype(np.int64)))
+            start = 0
+            while start < whole.num_rows and cum[-1] - (cum[start - 1] if start else 0) \
+                    >= self.rgs:
+                base = cum[start - 1] if start else 0
+                end = int(np.searchsorted(cum, base + self.rgs, side="left")) + 1
+                self._write_group(whole.slice(start, end - start))
+                start = end
+            rest = whole.slice(start)
+            self.pending = [rest] if rest.num_rows else []
+            self.pending_n = int(cum[-1] - (cum[start - 1] if start else 0))
+
+    def _write_group(self, group: pa.Table) -> None:
+        n = _n_inter(group)
+        if self.writer is None or self.cur is None or self.cur["interactions"] >= self.shard_rows:
+            self._close_file()
+            rel = f"{SEQUENCES}/{self.stem}-{len(self.files):05d}.parquet"
+            self.writer = pq.ParquetWriter(self.root / rel, group.schema,
+                                           compression=COMPRESSION, use_dictionary=False)
+            self.cur = {"rows": 0, "row_groups": 0, "interactions": 0, "groups": []}
+            self.files[rel] = self.cur
+        assert self.writer is not None
+        self.writer.write_table(group, row_group_size=max(group.num_rows, 1))
+        self.cur["rows"] += group.num_rows
+        self.cur["row_groups"] += 1
+        self.cur["interactions"] += n
+        self.cur["groups"].append(_split_counts(group).sum(axis=0).tolist())
+
+    def _close_file(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def close(self) -> dict[str, dict[str, Any]]:
+        if self.pending:
+            self._write_group(pa.concat_tables(self.pending))
+            self.pending, self.pending_n = [], 0
+        self._close_file()
+        return self.files
+
+
+def _n_inter(table: pa.Table) -> int:
+    return int(sum(int(c.offsets[-1].as_py()) - int(c.offsets[0].as_py())
+                   for c in table.column(SEQ_ITEMS).chunks if len(c)))
+
+
+# ---- reading -------------------------------------------------------------------------------
+
+
+@dataclass
+class ItemSide:
+    """Item-side feature values indexed by item id (row 0 = padding), from items.parquet."""
+
+    single: dict[str, np.ndarray]                      # name → int64 [n_items + 1]
+    multi: dict[str, tuple[np.ndarray, np.ndarray]]    # name → (offsets [n_items + 2], values)
+
+
+def load_item_side(dataset_dir: str | Path, features: list[FeatureSpec]) -> ItemSide:
+    """The item-side features of items.parquet as numpy, validated (dense ids 1..n in order,
+    ids within the manifest's cardinalities, no nulls)."""
+    path = Path(dataset_dir) / ITEMS
+    wanted = [f for f in features if f.side == "item" and f.name != ITEM]
+    try:
+        table = pq.read_table(path, columns=[ITEM, *(f.name for f in wanted)])
+    except (pa.ArrowInvalid, OSError, KeyError) as e:
+        raise DatasetError(f"{path}: cannot read the item features ({e})") from None
+    where = str(path)
+    check_schema(table.schema, {ITEM: "int", **{f.name: "ints" if f.multi else "int"
+                                                for f in wanted}}, where)
+    check_nulls(table, table.column_names, where)
+    ids = table.column(ITEM).to_numpy()
+    if (ids != np.arange(1, ids.size + 1)).any():
+        row = int(np.flatnonzero(ids != np.arange(1, ids.size + 1))[0])
+        raise DatasetError(f"{path} (row {row}): field {ITEM!r} is {int(ids[row])}, expected "
+                           f"{row + 1} (dense ids 1..n in order)")
+    single, multi = {}, {}
+    for f in wanted:
+        col = table.column(f.name).combine_chunks()
+        if f.multi:
+            off = col.offsets.to_numpy().astype(np.int64)
+            vals = col.values.to_numpy(zero_copy_only=False)[off[0]:off[-1]].astype(np.int64)
+            check_ids(f.name, vals, f.cardinality, where, np.diff(off))
+            multi[f.name] = (np.r_[0, off - off[0]], vals)
+        else:
+            vals = col.to_numpy().astype(np.int64)
+            check_ids(f.name, vals, f.cardinality, where)
+            single[f.name] = np.r_[0, vals]
+    return ItemSide(single, multi)
+
+
+def _list_col(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
+    arr = table.column(name).combine_chunks()
+    offsets = arr.offsets.to_numpy().astype(np.int64)
+    values = arr.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]]
+    return offsets - offsets[0], values
+
+
+@dataclass
+class Cut:
+    """The samples of one split in one sequence row group, in (row, position) order."""
+
+    seq_row: np.ndarray      # int64 [n] sequence row of each sample
+    position: np.ndarray     # int64 [n] position inside the user's sequence
+    user: np.ndarray         # int64 [n]
+    item: np.ndarray         # int64 [n]
+    label: np.ndarray        # int64 [n]
+    hist_len: np.ndarray     # int64 [n]
+    hist_start: np.ndarray   # int64 [n] index of the oldest history item in `pos_items`
+    pos_items: np.ndarray    # the group's positives' items, in (row, position) order
+    flat: np.ndarray         # int64 [n] index of each sample among the group's positions
+
+
+def cut_samples(table: pa.Table, split: int, max_history: int, features: list[FeatureSpec],
+                where: Callable[[int | None], str], item_card: int | None = None) -> Cut:
+    """Validates a sequence row group (types, nulls, ids, labels 0/1, split codes in {0, 1,
+    2}, equal list lengths per row) and cuts the samples of split code `split` out of it."""
+    cols = sequence_columns(features, timestamps=TIMESTAMPS in table.column_names)
+    check_schema(table.schema, cols, where)
+    check_nulls(table, list(cols), where)
+    offsets, items = _list_col(table, SEQ_ITEMS)
+    lens = np.diff(offsets)
+    for name in (LABELS, SEQ_SPLITS, TIMESTAMPS):
+        if name not in table.column_names:
+            continue
+        other = np.diff(_list_col(table, name)[0])
+        if (other != lens).any():
+            row = int(np.flatnonzero(other != lens)[0])
+            raise DatasetError(f"{where(row)}: field {name!r} has {int(other[row])} values, "
+                               f"{SEQ_ITEMS!r} has {int(lens[row])}")
+    labels = _list_col(table, LABELS)[1].astype(np.int64)
+    codes = _list_col(table, SEQ_SPLITS)[1].astype(np.int64)
+    row_of = np.repeat(np.arange(lens.size), lens)
+    for name, vals, ok in ((LABELS, labels, (labels == 0) | (labels == 1)),
+                           (SEQ_SPLITS, codes, (codes >= 0) & (codes <= 2))):
+        if not ok.all():
+            bad = int(np.flatnonzero(~ok)[0])
+            raise DatasetError(f"{where(int(row_of[bad]))}: field {name!r} has "
+                               f"{int(vals[bad])} at position {bad - int(offsets[row_of[bad]])}"
+                               f", expected {'0 or 1' if name == LABELS else '0, 1 or 2'}")
+    items = items.astype(np.int64)
+    if item_card is not None:
+        check_ids(SEQ_ITEMS, items, item_card, where, lens)
+    users = table.column(USER).to_numpy().astype(np.int64) if table.num_rows else \
+        np.zeros(0, np.int64)
+    user_card = next((f.cardinality for f in features if f.name == USER), None)
+    if user_card is not None:
+        check_ids(USER, users, user_card, where)
+    before = np.cumsum(labels) - labels                  # positives before, in the group
+    p = before - np.repeat(before[offsets[:-1]] if lens.size else before[:0], lens)
+    sel = np.flatnonzero(codes == split)
+    hist_len = np.minimum(p[sel], max_history)
+    return Cut(row_of[sel], sel - offsets[row_of[sel]], users[row_of[sel]], items[sel],
+               labels[sel], hist_len, before[sel] - hist_len, items[labels == 1], sel)
+
+
+def expand_rows(table: pa.Table, split: int, features: list[FeatureSpec], items: ItemSide,
+                where: Callable[[int | None], str], max_history: int,
+                token_rows: int | None = None, dense_history: bool = True) -> Rows:
+    """The `Rows` (data_pipes.collate) of split code `split`'s samples in one sequence row
+    group: user-side features from the row, item-side ones from `items`. Errors name the
+    sequence row (`where(row)`); the returned Rows name a sample by its row and position."""
+    item_card = next((f.cardinality for f in features if f.name == ITEM), None)
+    c = cut_samples(table, split, max_history, features, where, item_card)
+    if token_rows is not None and c.item.size and c.item.max() >= token_rows:
+        bad = int(np.flatnonzero(c.item >= token_rows)[0])
+        raise DatasetError(f"{where(int(c.seq_row[bad]))}: field {SEQ_ITEMS!r} has item id "
+                           f"{int(c.item[bad])} beyond the semantic-ID table "
+                           f"({token_rows - 1} items)")
+    n = c.item.size
+    scalars = [c.user, c.item, c.label]
+    columns: list[int | tuple[np.ndarray, np.ndarray]] = []
+    no_missing = True
+    for f in features:
+        if f.multi:
+            if f.side == "user":
+                off, vals = _list_col(table, f.name)
+                check_ids(f.name, vals, f.cardinality, where, np.diff(off))
+                ids = c.seq_row
+            else:
+                off, vals = items.multi[f.name]
+                ids = c.item
+            starts, lens = off[ids], off[ids + 1] - off[ids]
+            flat = np.repeat(starts - (np.cumsum(lens) - lens), lens) + np.arange(lens.sum())
+            v = vals[flat]
+            keep = v != 0
+            if not keep.all():
+                lens = np.bincount(np.repeat(np.arange(n), lens)[keep], minlength=n)
+                v = v[keep]
+            columns.append((np.r_[0, np.cumsum(lens)].astype(np.int64), v))
+        else:
+            if f.name in (USER, ITEM):
+                vals = c.user if f.name == USER else c.item
+            elif f.side == "user":
+                col = table.column(f.name).to_numpy().astype(np.int64)
+                check_ids(f.name, col, f.cardinality, where)
+                vals = col[c.seq_row]
+            else:
+                vals = items.single[f.name][c.item]
+            no_missing &= bool(vals.size == 0 or vals.min() > 0)
+            columns.append(len(scalars))
+            scalars.append(vals)
+    hist = None
+    if dense_history:
+        width = max(int(c.hist_len.max(initial=0)), 1)
+        mask = np.take(_valid_mask(width), c.hist_len, axis=0)
+        idx = c.hist_start[:, None] + np.arange(width)
+        hist = np.zeros((n, width), dtype=np.int32)
+        hist[mask] = c.pos_items[idx[mask]]
+    stacked = np.empty((n, len(scalars)), dtype=np.int64)
+    for k, vals in enumerate(scalars):
+        stacked[:, k] = vals
+    seq_row, position = c.seq_row, c.position
+
+    def sample_where(row: int | None) -> str:
+        if row is None:
+            return where(None)
+        return f"{where(int(seq_row[row]))[:-1]}, position {int(position[row])})"
+
+    return Rows(sample_where, stacked, columns, no_missing, hist, c.hist_len, token_rows)
+
+
+def concat_rows(parts: list[Rows]) -> Rows:
+    """Several decoded groups as one (a shuffle block): rows in order, histories padded."""
+    if len(parts) == 1:
+        return parts[0]
+    counts = np.cumsum([r.scalars.shape[0] for r in parts])
+    columns: list[int | tuple[np.ndarray, np.ndarray]] = []
+    for k, col in enumerate(parts[0].columns):
+        if isinstance(col, int):
+            columns.append(col)
+            continue
+        offs, vals, base = [np.zeros(1, np.int64)], [], 0
+        for r in parts:
+            o, v = r.columns[k]  # type: ignore[misc]
+            offs.append(o[1:] + base)
+            vals.append(v)
+            base += int(o[-1])
+        columns.append((np.concatenate(offs), np.concatenate(vals)))
+    hist = None
+    if all(r.hist is not None for r in parts):
+        width = max(r.hist.shape[1] for r in parts)  # type: ignore[union-attr]
+        hist = np.zeros((int(counts[-1]), width), dtype=np.int32)
+        lo = 0
+        for r in parts:
+            h = r.hist
+            hist[lo:lo + h.shape[0], :h.shape[1]] = h  # type: ignore[union-attr]
+            lo += h.shape[0]  # type: ignore[union-attr]
+    wheres = [r.where for r in parts]
+
+    def where(row: int | None) -> str:
+        if row is None:
+            return "; ".join(w(None) for w in wheres)  # type: ignore[operator]
+        k = int(np.searchsorted(counts, row, side="right"))
+        return wheres[k](row - (int(counts[k - 1]) if k else 0))  # type: ignore[operator]
+
+    return Rows(where, np.concatenate([r.scalars for r in parts]), columns,
+                all(r.no_missing for r in parts), hist,
+                np.concatenate([r.hist_len for r in parts]), parts[0].token_rows)
+
+
+def manifest_max_history(manifest: dict[str, Any], path: Path) -> int:
+    try:
+        return int(manifest["protocol"]["max_history"])
+    except (KeyError, TypeError, ValueError):
+        raise DatasetError(f"{path}: the manifest's protocol has no max_history") from None
+
+
+def group_where(path: Path, g: int) -> Callable[[int | None], str]:
+    def where(row: int | None) -> str:
+        return (f"{path} (row group {g})" if row is None
+                else f"{path} (row group {g}, row {row})")
+    return where
+
+
+@dataclass
+class SplitSamples:
+    """A split's samples as flat arrays, in (user, position) order; `row_id` = the sample's
+    row index within the split as the reader numbers it (Batch.row_ids)."""
+
+    user: np.ndarray
+    item: np.ndarray
+    label: np.ndarray
+    timestamp: np.ndarray
+    hist_offsets: np.ndarray
+    hist_values: np.ndarray
+    row_id: np.ndarray
+    features: dict[str, np.ndarray | tuple[np.ndarray, np.ndarray]]
+
+    def __len__(self) -> int:
+        return int(self.user.size)
+
+    def history(self, k: int) -> list[int]:
+        return self.hist_values[self.hist_offsets[k]:self.hist_offsets[k + 1]].tolist()
+
+
+def read_split_samples(dataset_dir: str | Path, split: str,
+                       max_history: int | None = None) -> SplitSamples:
+    """Every sample of `split` with its history and features (validated as the reader does)."""
+    dataset_dir = Path(dataset_dir)
+    if split not in SPLITS:
+        raise DatasetError(f"unknown split {split!r}; expected one of {SPLITS}")
+    manifest = load_manifest(dataset_dir)
+    features = feature_specs(manifest)
+    mh = manifest_max_history(manifest, dataset_dir / "manifest.json")
+    mh = mh if max_history is None else min(mh, max_history)
+    items = load_item_side(dataset_dir, features)
+    code = SPLIT_CODES[split]
+    parts: list[tuple[Rows, np.ndarray, np.ndarray]] = []
+    for rel in sorted(r for r in manifest["files"] if r.startswith(f"{SEQUENCES}/")):
+        path = dataset_dir / rel
+        pf = pq.ParquetFile(path)
+        for g in range(pf.metadata.num_row_groups):
+            table = pf.read_row_group(g)
+            where = group_where(path, g)
+            rows = expand_rows(table, code, features, items, where, mh)
+            c = cut_samples(table, code, mh, features, where)
+            ts = _list_col(table, TIMESTAMPS)[1][c.flat].astype(np.int64)
+            parts.append((rows, ts, c.position))
+    if not parts:
+        raise DatasetError(f"{dataset_dir / SEQUENCES}: no sequence shards")
+    rows = concat_rows([p[0] for p in parts])
+    ts = np.concatenate([p[1] for p in parts])
+    n = ts.size
+    user = rows.scalars[:, 0]
+    order = np.lexsort((np.concatenate([p[2] for p in parts]), user))
+    h_len = rows.hist_len[order]
+    offsets = np.r_[0, np.cumsum(h_len)].astype(np.int64)
+    assert rows.hist is not None
+    hist = rows.hist[order][np.take(_valid_mask(rows.hist.shape[1]), h_len, axis=0)]
+    feats: dict[str, np.ndarray | tuple[np.ndarray, np.ndarray]] = {}
+    for f, col in zip(features, rows.columns, strict=True):
+        if isinstance(col, int):
+            feats[f.name] = rows.scalars[order, col]
+        else:
+            o, v = col
+            lens = np.diff(o)[order]
+            flat = np.repeat(o[order] - (np.cumsum(lens) - lens), lens) + np.arange(lens.sum())
+            feats[f.name] = (np.r_[0, np.cumsum(lens)].astype(np.int64), v[flat])
+    return SplitSamples(user[order], rows.scalars[order, 1], rows.scalars[order, 2], ts[order],
+                        offsets, hist.astype(np.int32), np.arange(n, dtype=np.int64)[order],
+                        feats)
+
