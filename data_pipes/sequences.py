@@ -435,6 +435,36 @@ class SplitSamples:
     def history(self, k: int) -> list[int]:
         return self.hist_values[self.hist_offsets[k]:self.hist_offsets[k + 1]].tolist()
 
+    def to_table(self) -> pa.Table:
+        """One row per sample with the columns data_pipes.collate.decode_rows reads (user_id,
+        item_id, label, timestamp, history, every feature): a batch of in-memory samples for
+        data_pipes.collate.build_batch."""
+        cols: dict[str, Any] = {
+            USER: pa.array(self.user, pa.int32()), ITEM: pa.array(self.item, pa.int32()),
+            "label": pa.array(self.label, pa.int8()),
+            "timestamp": pa.array(self.timestamp, pa.int64()),
+            "history": _lists(self.hist_offsets, self.hist_values, pa.int32())}
+        for name, v in self.features.items():
+            if name not in cols:
+                cols[name] = (pa.array(v, pa.int32()) if isinstance(v, np.ndarray)
+                              else _lists(v[0], v[1], pa.int32()))
+        return pa.table(cols)
+
+    def to_pylist(self) -> list[dict[str, Any]]:
+        """One dict per sample: user_id, item_id, label, timestamp, history (item ids, oldest
+        first) and every feature (a list for a multi-valued one), in (user, position) order."""
+        cols: dict[str, list[Any]] = {
+            USER: self.user.tolist(), ITEM: self.item.tolist(), "label": self.label.tolist(),
+            "timestamp": self.timestamp.tolist(),
+            "history": _split_lists(self.hist_offsets, self.hist_values)}
+        for name, v in self.features.items():
+            cols[name] = v.tolist() if isinstance(v, np.ndarray) else _split_lists(*v)
+        return [dict(zip(cols, vals, strict=True)) for vals in zip(*cols.values(), strict=True)]
+
+
+def _split_lists(offsets: np.ndarray, values: np.ndarray) -> list[list[int]]:
+    return [x.tolist() for x in np.split(values, offsets[1:-1])] if offsets.size > 1 else []
+
 
 def read_split_samples(dataset_dir: str | Path, split: str,
                        max_history: int | None = None) -> SplitSamples:

@@ -6,8 +6,8 @@ flipped, an extra shard): the manifest's size/sha256 give it away. And bad conte
 manifest agrees (`rehash`: as if a buggy writer or another tool had written it): only the
 schema and row checks can see it, and they name the file, row group, row and column.
 
-The tiny dataset's train/part-00000.parquet holds 48 rows in row groups of 16 (rows 0-15,
-16-31, 32-47); item ids are 1..40 (cardinality 41).
+The tiny dataset's sequences/part-00000.parquet holds 4 users (12 positions each) in row
+groups of 2 users (rows 0-1, 2-3); item ids are 1..40 (cardinality 41), user ids 1..30 (31).
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from data_pipes.stream import build_loader
 from data_pipes.verify import CACHE
 from tests.conftest import write_tiny_dataset
 
-SHARD = "train/part-00000.parquet"
+SHARD = "sequences/part-00000.parquet"
+SIZE = 3485          # bytes of the pristine SHARD (checked below)
 
 
 @pytest.fixture(scope="module")
@@ -42,24 +43,27 @@ def _set_column(ds: Path, name: str, arr: pa.Array | None) -> None:
     t = pq.read_table(ds / SHARD)
     t = (t.drop_columns([name]) if arr is None
          else t.set_column(t.column_names.index(name), name, arr))
-    pq.write_table(t, ds / SHARD, row_group_size=16)
+    pq.write_table(t, ds / SHARD, row_group_size=2)
 
 
 def _column(ds: Path, name: str) -> list:
     return pq.read_table(ds / SHARD).column(name).to_pylist()
 
 
-def _labels(ds: Path, bad: dict[int, float], dtype: pa.DataType) -> None:
-    labels = np.asarray(_column(ds, "label"), dtype=np.float64)
-    for row, value in bad.items():
-        labels[row] = value
-    _set_column(ds, "label", pa.array(labels.astype(dtype.to_pandas_dtype()), dtype))
+def _list_type(name: str) -> pa.DataType:
+    return {"labels": pa.list_(pa.int8()), "splits": pa.list_(pa.int8()),
+            "timestamps": pa.list_(pa.int64())}.get(name, pa.list_(pa.int32()))
 
 
-def _history(ds: Path, row: int, value: list | None) -> None:
-    hist = _column(ds, "history")
-    hist[row] = value
-    _set_column(ds, "history", pa.array(hist, pa.list_(pa.int32())))
+def _at(ds: Path, name: str, row: int, pos: int | None, value: object) -> None:
+    """Position `pos` of list column `name` in row `row` set to `value` (pos None: the whole
+    row's list)."""
+    col = _column(ds, name)
+    if pos is None:
+        col[row] = value
+    else:
+        col[row][pos] = value
+    _set_column(ds, name, pa.array(col, _list_type(name)))
 
 
 def _bytes(ds: Path, edit: Callable[[bytearray], bytearray]) -> None:
@@ -77,59 +81,64 @@ def _flip_bit(b: bytearray) -> bytearray:
     return b
 
 
-def _items(ds: Path, row: int, value: int) -> None:
-    items = _column(ds, "item_id")
-    items[row] = value
-    _set_column(ds, "item_id", pa.array(items, pa.int32()))
-
-
-P = r".*/tiny/train/part-00000\.parquet"
+P = r".*/tiny/sequences/part-00000\.parquet"
 SHA = P + r": sha256 [0-9a-f]{16}… differs from the manifest's [0-9a-f]{16}…"
 # (name, damage, rehash the manifest, the verify line, the loader's message, verify lines)
 CASES = [
     ("corrupt", lambda ds: _bytes(ds, _random_bytes), False, SHA, SHA, None),
     ("truncated", lambda ds: _bytes(ds, lambda b: b[:len(b) // 2]), False,
-     P + r": 3256 bytes, the manifest says 6512 \(truncated or replaced",
-     P + r": 3256 bytes, the manifest says 6512 \(truncated or replaced", None),
+     P + rf": {SIZE // 2} bytes, the manifest says {SIZE} \(truncated or replaced",
+     P + rf": {SIZE // 2} bytes, the manifest says {SIZE} \(truncated or replaced", None),
     ("one bit flipped", lambda ds: _bytes(ds, _flip_bit), False, SHA, SHA, None),
-    ("extra shard", lambda ds: shutil.copy(ds / SHARD, ds / "train/part-00099.parquet"), False,
-     r".*/train/part-00099\.parquet: not listed in the manifest",
-     r".*/train/part-00099\.parquet: not listed in the manifest", 1),
-    ("missing column", lambda ds: _set_column(ds, "genres", None), True,
-     P + r": missing column\(s\) \['genres'\]$",
-     P + r" \(row group 0\): missing column\(s\) \['genres'\]$", 1),
-    ("label as string", lambda ds: _set_column(
-        ds, "label", pa.array([str(x) for x in _column(ds, "label")])), True,
-     P + r": column 'label' is string, expected an integer or bool type \(0/1\)$",
-     P + r" \(row group 0\): column 'label' is string, expected an integer or bool type", 1),
-    ("label as 0.0/1.0 floats", lambda ds: _labels(ds, {}, pa.float32()), True,
-     P + r" \(row group 0\): column 'label' is float, expected an integer or bool type",
-     P + r" \(row group 0\): column 'label' is float, expected an integer or bool type", 3),
-    ("item id out of range", lambda ds: _items(ds, 20, 999), True,
-     P + r" \(row group 1, row 4\): field 'item_id' has id 999 outside \[0, 41\) declared",
-     P + r" \(row group 1, row 4\): field 'item_id' has id 999 outside \[0, 41\)", 1),
-    ("negative history id", lambda ds: _history(ds, 33, [3, -2]), True,
-     P + r" \(row group 2, row 1\): field 'history' has id -2 outside \[0, 41\)",
-     P + r" \(row group 2, row 1\): field 'history' has id -2 outside \[0, 41\)", 1),
-    ("NaN label", lambda ds: _labels(ds, {3: np.nan}, pa.float32()), True,
-     P + r" \(row group 0, row 3\): label nan is not 0 or 1$",
-     P + r" \(row group 0, row 3\): label nan is not 0 or 1$", 3),   # + 2 float-typed groups
-    ("inf label", lambda ds: _labels(ds, {5: np.inf}, pa.float64()), True,
-     P + r" \(row group 0, row 5\): label inf is not 0 or 1$",
-     P + r" \(row group 0, row 5\): label inf is not 0 or 1$", 3),
-    ("label 2", lambda ds: _labels(ds, {17: 2}, pa.int8()), True,
-     P + r" \(row group 1, row 1\): label 2\.0 is not 0 or 1$",
-     P + r" \(row group 1, row 1\): label 2\.0 is not 0 or 1$", 1),
-    ("null history", lambda ds: _history(ds, 9, None), True,
-     P + r" \(row group 0, row 9\): field 'history' is null$",
-     P + r" \(row group 0, row 9\): field 'history' is null$", 1),
-    ("null history element", lambda ds: _history(ds, 40, [4, None, 6]), True,
-     P + r" \(row group 2, row 8\): field 'history' has a null element \(position 1\)$",
-     P + r" \(row group 2, row 8\): field 'history' has a null element \(position 1\)$", 1),
-    ("null label", lambda ds: _set_column(
-        ds, "label", pa.array([None] + _column(ds, "label")[1:], pa.int8())), True,
-     P + r" \(row group 0, row 0\): field 'label' is null$",
-     P + r" \(row group 0, row 0\): field 'label' is null$", 1),
+    ("extra shard", lambda ds: shutil.copy(ds / SHARD, ds / "sequences/part-00099.parquet"),
+     False, r".*/sequences/part-00099\.parquet: not listed in the manifest",
+     r".*/sequences/part-00099\.parquet: not listed in the manifest", 1),
+    ("missing column", lambda ds: _set_column(ds, "gender", None), True,
+     P + r": missing column\(s\) \['gender'\]$",
+     P + r" \(row group 0\): missing column\(s\) \['gender'\]$", 1),
+    ("labels as strings", lambda ds: _set_column(ds, "labels", pa.array(
+        [[str(x) for x in r] for r in _column(ds, "labels")])), True,
+     P + r": column 'labels' is list<element: string>, expected a list of an integer type$",
+     P + r" \(row group 0\): column 'labels' is list<element: string>, expected a list of an "
+     r"integer type$", 1),
+    ("labels as 0.0/1.0 floats", lambda ds: _set_column(ds, "labels", pa.array(
+        _column(ds, "labels"), pa.list_(pa.float32()))), True,
+     P + r": column 'labels' is list<element: float>, expected a list of an integer type$",
+     P + r" \(row group 0\): column 'labels' is list<element: float>", 1),
+    ("item id out of range", lambda ds: _at(ds, "items", 3, 4, 999), True,
+     P + r" \(row group 1, row 1\): field 'items' has id 999 outside \[0, 41\) declared",
+     P + r" \(row group 1, row 1\): field 'items' has id 999 outside \[0, 41\)", 1),
+    ("negative item id", lambda ds: _at(ds, "items", 0, 2, -2), True,
+     P + r" \(row group 0, row 0\): field 'items' has id -2 outside \[0, 41\)",
+     P + r" \(row group 0, row 0\): field 'items' has id -2 outside \[0, 41\)", 1),
+    ("user id out of range", lambda ds: _set_column(ds, "user_id", pa.array(
+        [1, 2, 77, 4], pa.int32())), True,
+     P + r" \(row group 1, row 0\): field 'user_id' has id 77 outside \[0, 31\)",
+     P + r" \(row group 1, row 0\): field 'user_id' has id 77 outside \[0, 31\)", 1),
+    ("label 2", lambda ds: _at(ds, "labels", 2, 5, 2), True,
+     P + r" \(row group 1, row 0\): field 'labels' has 2 at position 5, expected 0 or 1$",
+     P + r" \(row group 1, row 0\): field 'labels' has 2 at position 5, expected 0 or 1$", 1),
+    ("split code 3", lambda ds: _at(ds, "splits", 1, 0, 3), True,
+     P + r" \(row group 0, row 1\): field 'splits' has 3 at position 0, expected 0, 1 or 2$",
+     P + r" \(row group 0, row 1\): field 'splits' has 3 at position 0, expected 0, 1 or 2$",
+     1),
+    ("a label missing", lambda ds: _at(ds, "labels", 1, None, _column(ds, "labels")[1][:-1]),
+     True,
+     P + r" \(row group 0, row 1\): field 'labels' has 11 values, 'items' has 12$",
+     P + r" \(row group 0, row 1\): field 'labels' has 11 values, 'items' has 12$", 1),
+    ("a timestamp missing", lambda ds: _at(ds, "timestamps", 2, None,
+                                           _column(ds, "timestamps")[2][1:]), True,
+     P + r" \(row group 1, row 0\): field 'timestamps' has 11 values, 'items' has 12$",
+     None, 1),     # the reader does not read timestamps: only verify sees it
+    ("null items", lambda ds: _at(ds, "items", 1, None, None), True,
+     P + r" \(row group 0, row 1\): field 'items' is null$",
+     P + r" \(row group 0, row 1\): field 'items' is null$", 1),
+    ("null item", lambda ds: _at(ds, "items", 3, 1, None), True,
+     P + r" \(row group 1, row 1\): field 'items' has a null element \(position 1\)$",
+     P + r" \(row group 1, row 1\): field 'items' has a null element \(position 1\)$", 1),
+    ("null label", lambda ds: _at(ds, "labels", 0, 0, None), True,
+     P + r" \(row group 0, row 0\): field 'labels' has a null element \(position 0\)$",
+     P + r" \(row group 0, row 0\): field 'labels' has a null element \(position 0\)$", 1),
 ]
 
 
@@ -160,7 +169,8 @@ def test_bad_data_is_named_by_verify_and_refused_by_the_loader(
     ds = tmp_path / "tiny"
     shutil.copytree(pristine, ds)
     rc, out = _verify(ds, capsys)
-    assert rc == 0 and len(out) == 1 and ": clean: 11 files" in out[0]   # the copy starts clean
+    assert rc == 0 and len(out) == 1 and ": clean: 10 files" in out[0]   # the copy starts clean
+    assert (ds / SHARD).stat().st_size == SIZE
     damage(ds)
     if rehash:
         _rehash(ds, SHARD)
@@ -174,10 +184,13 @@ def test_bad_data_is_named_by_verify_and_refused_by_the_loader(
         assert len(out) == lines, out
     assert not (ds / CACHE).exists(), "verify must not write into the dataset"
 
-    with pytest.raises(DatasetError) as err:
+    if loader_msg is None:
         list(build_loader(ds, "train", batch_size=1000, shuffle=False, with_tokens=False))
-    assert re.fullmatch(loader_msg + ".*", str(err.value)), str(err.value)
-    assert "\n" not in str(err.value)
+    else:
+        with pytest.raises(DatasetError) as err:
+            list(build_loader(ds, "train", batch_size=1000, shuffle=False, with_tokens=False))
+        assert re.fullmatch(loader_msg + ".*", str(err.value)), str(err.value)
+        assert "\n" not in str(err.value)
     assert _snapshot(ds) == before, "nothing written may change"
 
 
@@ -186,15 +199,17 @@ def test_content_damage_without_a_matching_manifest_fails_on_the_hash_first(
     """The sha256 is checked before any row; verify goes on and names the row as well."""
     ds = tmp_path / "tiny"
     shutil.copytree(pristine, ds)
-    _labels(ds, {17: 2}, pa.int8())
+    _at(ds, "labels", 2, 5, 2)
+    size = (ds / SHARD).stat().st_size
     rc, out = _verify(ds, capsys)
     assert rc == 2 and len(out) == 3, out
-    assert re.fullmatch(P + r": 6518 bytes, the manifest says 6512 .*", out[0])
+    assert re.fullmatch(P + rf": {size} bytes, the manifest says {SIZE} .*", out[0])
     assert re.fullmatch(SHA + ".*", out[1])
-    assert out[2].endswith("(row group 1, row 1): label 2.0 is not 0 or 1")
-    with pytest.raises(DatasetError, match="6518 bytes, the manifest says 6512"):
+    assert out[2].endswith("(row group 1, row 0): field 'labels' has 2 at position 5, "
+                           "expected 0 or 1")
+    with pytest.raises(DatasetError, match=f"{size} bytes, the manifest says {SIZE}"):
         build_loader(ds, "train", batch_size=8, with_tokens=False)
     # the loader's own row checks are still there when the file check is skipped
-    with pytest.raises(DatasetError, match=r"row group 1, row 1\): label 2\.0 is not 0 or 1"):
+    with pytest.raises(DatasetError, match=r"row group 1, row 0\): field 'labels' has 2"):
         list(build_loader(ds, "train", batch_size=1000, shuffle=False, with_tokens=False,
                           check_files=False))

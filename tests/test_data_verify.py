@@ -25,7 +25,8 @@ from data_pipes.verify import CACHE, check_split_files
 from tests.conftest import write_tiny_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN = [f"train/part-{k:05d}.parquet" for k in range(6)]   # the tiny dataset's train shards
+# the tiny dataset's sequence shards, which every split reads
+TRAIN = [f"sequences/part-{k:05d}.parquet" for k in range(8)]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,7 @@ def _load(ds: Path, split: str = "train", **kw: object) -> list[int]:
 
 def test_second_load_does_not_rehash(ds: Path, hashed: list[str]) -> None:
     assert _load(ds) == list(range(270))
-    assert sorted(hashed) == TRAIN                        # each train shard once, nothing else
+    assert sorted(hashed) == TRAIN                        # each shard once, nothing else
     cache = json.loads((ds / CACHE).read_text())["files"]
     assert sorted(cache) == TRAIN
     shard = ds / TRAIN[0]
@@ -72,8 +73,8 @@ def test_second_load_does_not_rehash(ds: Path, hashed: list[str]) -> None:
     assert _load(ds, num_workers=2) == list(range(270))   # workers never re-check
     assert hashed == []
     _load(ds, "valid")
-    assert hashed == ["valid/part-00000.parquet"]        # the train entries were kept
-    assert len(json.loads((ds / CACHE).read_text())["files"]) == 7
+    assert hashed == []                                  # the same shards, still cached
+    assert len(json.loads((ds / CACHE).read_text())["files"]) == 8
     assert not list(ds.glob(f"{CACHE}.*")), "no temporary cache file left behind"
 
 
@@ -135,7 +136,7 @@ def test_unwritable_or_damaged_cache_only_costs_a_rehash(ds: Path, hashed: list[
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     (ds / CACHE).write_text("{not json")
     _load(ds)
-    assert len(hashed) == 6
+    assert len(hashed) == 8
     assert sorted(json.loads((ds / CACHE).read_text())["files"]) == TRAIN   # rewritten
 
     def read_only(*_: object) -> None:
@@ -146,7 +147,7 @@ def test_unwritable_or_damaged_cache_only_costs_a_rehash(ds: Path, hashed: list[
     hashed.clear()
     assert _load(ds) == list(range(270))
     _load(ds)
-    assert len(hashed) == 12                  # no cache: every load hashes, and still passes
+    assert len(hashed) == 16                  # no cache: every load hashes, and still passes
     assert sorted(p.name for p in ds.iterdir() if p.name.startswith(CACHE)) == []
 
 
@@ -182,12 +183,14 @@ def test_verify_cli_exit_codes_through_genci_prepare(ds: Path) -> None:
     run = [sys.executable, "-m", "data_pipes.prepare", "verify", str(ds)]
     clean = subprocess.run(run, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert clean.returncode == 0, clean.stderr
-    assert clean.stdout.startswith(f"genci-prepare verify: {ds}: clean: 11 files, ")
-    shard = ds / "test/part-00001.parquet"
+    assert clean.stdout.startswith(f"genci-prepare verify: {ds}: clean: 10 files, ")
+    shard = ds / "sequences/part-00007.parquet"
+    size = shard.stat().st_size
     shard.write_bytes(shard.read_bytes()[:-100])
     bad = subprocess.run(run, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2
     lines = bad.stdout.splitlines()
-    assert lines[0].startswith(f"{shard}: 2758 bytes, the manifest says 2858 (truncated")
+    assert lines[0].startswith(f"{shard}: {size - 100} bytes, the manifest says {size} "
+                               "(truncated")
     assert all(line.startswith(f"{shard}") for line in lines) and len(lines) == 3
     assert "3 problem(s)" in bad.stderr

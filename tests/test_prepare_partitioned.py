@@ -1,8 +1,8 @@
 """The partitioned, out-of-core prepare (data_pipes/partitioned.py) against the in-memory path
 on the same atomic files: MovieLens-shaped and generic RecBole folders, P = 1, 2, 3, 7 and tiny
-CSV blocks (many streamed batches). Same dense ids, side tables, features, counts; valid/test
-rows in the same order; train the same set of rows (shuffled differently); `genci-prepare
-verify` passes and the streaming reader reads every row."""
+CSV blocks (many streamed batches). Same dense ids, side tables, features, counts; the same
+sequence row per user (users in another order), so the same samples and histories of every
+split; `genci-prepare verify` passes and the streaming reader reads every row."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from data_pipes.partitioned import prepare_partitioned
 from data_pipes.prepare import main
 from data_pipes.protocol import LabelRule
 from data_pipes.schema import DatasetError
+from data_pipes.sequences import read_split_samples
 
 ML_ITEM = "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq"
 ML_USER = "user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token"
@@ -58,23 +59,22 @@ def generic_folder(folder: Path, seed: int = 1, n: int = 500) -> Path:
     return folder
 
 
-def split_rows(out: Path, split: str) -> list[dict]:
-    """Rows of a split in file-name order (the reader's global order)."""
-    return [r for p in sorted((out / split).glob("*.parquet"))
+def sequences(out: Path) -> dict[int, dict]:
+    """Sequence rows by user id (every user once)."""
+    rows = [r for p in sorted((out / "sequences").glob("*.parquet"))
             for r in pq.read_table(p).to_pylist()]
-
-
-def key(r: dict) -> tuple:
-    return tuple(json.dumps(r[k]) for k in sorted(r))
+    by_user = {r["user_id"]: r for r in rows}
+    assert len(by_user) == len(rows) > 0
+    return by_user
 
 
 def assert_same(mem: Path, part: Path) -> None:
     for side in ("items.parquet", "users.parquet"):
         assert pq.read_table(part / side).equals(pq.read_table(mem / side)), side
-    for split in ("valid", "test"):
-        assert split_rows(part, split) == split_rows(mem, split), split
-    train_m, train_p = split_rows(mem, "train"), split_rows(part, "train")
-    assert sorted(train_p, key=key) == sorted(train_m, key=key)
+    assert sequences(part) == sequences(mem)       # the same rows, in another user order
+    for split in ("train", "valid", "test"):        # hence the same samples and histories
+        got, want = read_split_samples(part, split), read_split_samples(mem, split)
+        assert got.to_pylist() == want.to_pylist() and len(got) > 0, split
     m1 = json.loads((mem / "manifest.json").read_text())
     m2 = json.loads((part / "manifest.json").read_text())
     for k in ("dataset", "protocol", "features", "row_group_size", "schema_version"):

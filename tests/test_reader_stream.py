@@ -188,15 +188,15 @@ def test_each_row_group_is_read_and_decoded_once_per_epoch(tiny_dataset: Path, b
     import data_pipes.stream as stream
 
     decoded: list[str] = []
-    real = stream.decode_rows
+    real = stream.expand_rows
 
-    def counting(table, features, where, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
-        decoded.append(where(0))
-        return real(table, features, where, *a, **k)
+    def counting(table, split, features, items, where, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+        decoded.append(where(None))
+        return real(table, split, features, items, where, *a, **k)
 
-    monkeypatch.setattr(stream, "decode_rows", counting)
+    monkeypatch.setattr(stream, "expand_rows", counting)
     loader = build_loader(tiny_dataset, "train", batch_size=5, seed=2, shuffle=True,
-                          bucket_window=bucket, read_ahead=read_ahead)
+                          bucket_window=bucket, read_ahead=read_ahead, shuffle_block=2)
     rows = np.concatenate([b.row_ids.numpy() for b in loader])
     assert sorted(rows.tolist()) == list(range(_split_rows(tiny_dataset, "train")))
     assert len(decoded) == len(set(decoded)) == len(loader.dataset.groups)
@@ -281,42 +281,55 @@ def test_batch_layout_on_a_hand_built_case() -> None:
     assert short.history_tokens[0, :3].tolist() == tokens[2].tolist()
 
 
+def _set_list(t: pa.Table, name: str, row: int, pos: int, value: int) -> pa.Table:
+    """`t` with position `pos` of list column `name` in row `row` set to `value`."""
+    col = t.column(name).combine_chunks()
+    vals = col.values.to_numpy(zero_copy_only=False).copy()
+    vals[col.offsets[row].as_py() + pos] = value
+    new = pa.ListArray.from_arrays(col.offsets, pa.array(vals, col.type.value_type))
+    return t.set_column(t.column_names.index(name), name, new)
+
+
 @pytest.mark.parametrize("read_ahead", [False, True])
 def test_bad_rows_name_file_and_field(tmp_path: Path, read_ahead: bool) -> None:
     """With read-ahead the bad group is decoded on the reader's thread: the same error, raised
-    where the batch needs that group."""
+    where the batch needs that group. (The tiny shards: 2 row groups of 2 users each.)"""
     ds = write_tiny_dataset(tmp_path / "bad", semantic_ids=False)
-    shard = sorted((ds / "train").glob("*.parquet"))[0]
+    shard = sorted((ds / "sequences").glob("*.parquet"))[0]
     t = pq.read_table(shard)
-    items = t.column("item_id").to_numpy().copy()
-    items[3] = 999
-    pq.write_table(t.set_column(t.column_names.index("item_id"), "item_id",
-                                pa.array(items, pa.int32())), shard, row_group_size=16)
-    loader = build_loader(ds, "train", batch_size=1000, shuffle=False, with_tokens=False,
-                          read_ahead=read_ahead, check_files=False)   # rows, not hashes
-    with pytest.raises(DatasetError, match=r"part-00000.*'item_id' has id 999"):
-        list(loader)
-    # batches of 5 rows, a bad id in row 40 (group 2 = rows 32-47): the six batches before
-    # the first one that needs group 2 (rows 30-34) still come out, although with
-    # read-ahead that group was read (and failed) earlier, on the other thread
-    items[3], items[40] = 5, 999
-    pq.write_table(t.set_column(t.column_names.index("item_id"), "item_id",
-                                pa.array(items, pa.int32())), shard, row_group_size=16)
-    it = iter(build_loader(ds, "train", batch_size=5, shuffle=False, with_tokens=False,
-                           read_ahead=read_ahead, check_files=False))
-    assert [next(it).row_ids.tolist() for _ in range(6)][-1] == [25, 26, 27, 28, 29]
-    with pytest.raises(DatasetError, match=r"part-00000.*row group 2, row 8\).*'item_id' has id 999"):
+    assert pq.ParquetFile(shard).metadata.num_row_groups == 2 and t.num_rows == 4
+
+    def load(**kw) -> list:  # noqa: ANN003
+        return build_loader(ds, "train", shuffle=False, with_tokens=False,
+                            read_ahead=read_ahead, check_files=False, **kw)
+
+    pq.write_table(_set_list(t, "items", 1, 3, 999), shard, row_group_size=2)
+    with pytest.raises(DatasetError, match=r"part-00000.*row group 0, row 1\).*'items' has id 999"):
+        list(load(batch_size=1000))
+    # batches of 5 samples, a bad id in the first row of group 1 (train samples 18-35): the
+    # three batches before the first one that needs group 1 (samples 15-19) still come out,
+    # although with read-ahead that group was read (and failed) earlier, on the other thread
+    pq.write_table(_set_list(t, "items", 2, 0, 999), shard, row_group_size=2)
+    it = iter(load(batch_size=5, shuffle_block=1))
+    assert [next(it).row_ids.tolist() for _ in range(3)][-1] == [10, 11, 12, 13, 14]
+    with pytest.raises(DatasetError, match=r"part-00000.*row group 1, row 0\).*'items' has id 999"):
         next(it)
-    labels = t.column("label").to_numpy().copy()
-    labels[0] = 2
-    pq.write_table(t.set_column(t.column_names.index("label"), "label",
-                                pa.array(labels, pa.int8())), shard, row_group_size=16)
-    with pytest.raises(DatasetError, match="label 2.0 is not 0 or 1"):
-        list(build_loader(ds, "train", batch_size=1000, shuffle=False, with_tokens=False,
-                          read_ahead=read_ahead, check_files=False))
+    pq.write_table(_set_list(t, "labels", 0, 0, 2), shard, row_group_size=2)
+    with pytest.raises(DatasetError, match=r"row group 0, row 0\).*'labels' has 2 at position 0"):
+        list(load(batch_size=1000))
+    pq.write_table(_set_list(t, "splits", 3, 2, 3), shard, row_group_size=2)
+    with pytest.raises(DatasetError, match=r"row group 1, row 1\).*'splits' has 3 at position 2"):
+        list(load(batch_size=1000))
+    short = pa.array([[1] * (len(x) - (k == 1)) for k, x in
+                      enumerate(t.column("labels").to_pylist())], pa.list_(pa.int8()))
+    pq.write_table(t.set_column(t.column_names.index("labels"), "labels", short), shard,
+                   row_group_size=2)
+    with pytest.raises(DatasetError, match=r"row group 0, row 1\).*'labels' has 11 values, "
+                                           r"'items' has 12"):
+        list(load(batch_size=1000))
     shard.write_bytes(b"not parquet")
-    with pytest.raises(DatasetError, match="not a readable Parquet"):
-        build_loader(ds, "train", batch_size=10, with_tokens=False, check_files=False)
+    with pytest.raises(DatasetError, match="part-00000.parquet: row group 0 unreadable"):
+        list(load(batch_size=10))
 
 
 @pytest.mark.parametrize("nw", [0, 2])
@@ -340,10 +353,16 @@ def test_drop_last_gives_full_batches_and_steps_per_epoch_matches(tiny_dataset: 
 
 
 def test_missing_column_names_file_and_column(tmp_path: Path) -> None:
-    ds = write_tiny_dataset(tmp_path / "nogenre", semantic_ids=False)
-    shard = sorted((ds / "valid").glob("*.parquet"))[0]
+    ds = write_tiny_dataset(tmp_path / "nogender", semantic_ids=False)
+    shard = sorted((ds / "sequences").glob("*.parquet"))[0]
     t = pq.read_table(shard)
-    pq.write_table(t.drop_columns(["genres"]), shard, row_group_size=16)
-    with pytest.raises(DatasetError, match=r"valid/part-00000\.parquet.*missing column.*genres"):
+    pq.write_table(t.drop_columns(["gender"]), shard, row_group_size=2)
+    with pytest.raises(DatasetError, match=r"sequences/part-00000\.parquet.*missing "
+                                           r"column.*gender"):
         list(build_loader(ds, "valid", batch_size=8, shuffle=False, with_tokens=False,
                           check_files=False))
+    items = ds / "items.parquet"
+    pq.write_table(pq.read_table(items).drop_columns(["genres"]), items)
+    with pytest.raises(DatasetError, match=r"items\.parquet: cannot read the item features"):
+        build_loader(ds, "valid", batch_size=8, shuffle=False, with_tokens=False,
+                     check_files=False)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
@@ -21,7 +20,7 @@ import torch.multiprocessing as mp
 
 from data_pipes.collate import build_batch
 from data_pipes.schema import feature_specs, load_manifest
-from data_pipes.stream import list_row_groups
+from data_pipes.sequences import read_split_samples
 from genci_dist.config import JobConfig, load_config
 from genci_dist.model.build import build_task
 from genci_dist.runtime.checkpoint import load_model_only, load_model_sharded
@@ -56,10 +55,8 @@ def _config(data_dir: str, sharding: str) -> JobConfig:
 
 
 def _train_table(data_dir: Path) -> pa.Table:
-    """The whole train split in stored order, then a fixed row permutation (mixes users)."""
-    parts = [pq.ParquetFile(g.path).read_row_group(g.index)
-             for g in list_row_groups(data_dir, "train")]
-    table = pa.concat_tables(parts)
+    """The whole train split as sample rows, then a fixed row permutation (mixes users)."""
+    table = read_split_samples(data_dir, "train").to_table()
     perm = np.random.default_rng(0).permutation(table.num_rows)
     return table.take(perm)
 

@@ -16,6 +16,7 @@ import pytest
 from data_pipes.prepare import main
 from data_pipes.protocol import apply_label_rule, build_samples
 from data_pipes.schema import DatasetError
+from data_pipes.sequences import read_split_samples
 from data_pipes.sources.amazon import DESCRIPTION_CHARS, load_amazon
 
 N_ITEMS = 32                      # items B00..B31
@@ -155,7 +156,7 @@ def test_labels_leave_one_out_and_histories(tmp_path: Path) -> None:
 
 def test_cli_end_to_end_manifest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """genci-prepare --dataset amazon writes the layout; the manifest counts, cardinalities,
-    hashes and the denormalised item features in the shards are right."""
+    hashes and the item features the samples read are right."""
     src = fixture(tmp_path)
     out = tmp_path / "instr"
     assert main(["--dataset", "amazon", "--source", str(src), "--out", str(out),
@@ -173,14 +174,16 @@ def test_cli_end_to_end_manifest(tmp_path: Path, capsys: pytest.CaptureFixture[s
         ("store", "item", False, 3), ("categories", "item", True, 4)]
     for rel, meta_ in man["files"].items():
         assert hashlib.sha256((out / rel).read_bytes()).hexdigest() == meta_["sha256"]
-    train = pq.read_table(out / "train").to_pylist()
-    assert pq.ParquetFile(out / "train" / "part-00000.parquet").metadata.num_row_groups == 9
+    train = read_split_samples(out, "train").to_pylist()
+    # groups of whole users, closed at >= 16 interactions: one user (30) per group
+    assert pq.ParquetFile(out / "sequences" / "part-00000.parquet").metadata.num_row_groups == 5
     items = {r["item_id"]: r for r in pq.read_table(out / "items.parquet").to_pylist()}
     for r in train:
         assert r["store"] == items[r["item_id"]]["store"]
         assert r["categories"] == items[r["item_id"]]["categories"]
         assert r["label"] == int(SEQ[r["item_id"] - 1] % 3 != 2)
-    assert [r["user_id"] for r in train] != sorted(r["user_id"] for r in train)  # shuffled
+    users = pq.read_table(out / "sequences", columns=["user_id"]).column(0).to_pylist()
+    assert sorted(users) == [1, 2, 3, 4, 5] and users != [1, 2, 3, 4, 5]  # seeded user order
 
 
 def test_bad_input_names_file_and_line(tmp_path: Path) -> None:

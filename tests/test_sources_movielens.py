@@ -15,6 +15,7 @@ import pytest
 
 from data_pipes.prepare import main
 from data_pipes.schema import DatasetError
+from data_pipes.sequences import read_split_samples
 
 ITEM_HEADER = "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq"
 ITEMS = [  # id, title, year, genres
@@ -63,7 +64,7 @@ def prepare(tmp: Path, *args: str) -> tuple[int, Path]:
 
 
 def rows_by_split(out: Path) -> dict[str, list[dict]]:
-    return {s: sorted(pq.read_table(out / s).to_pylist(),
+    return {s: sorted(read_split_samples(out, s).to_pylist(),
                       key=lambda r: (r["user_id"], r["timestamp"], r["item_id"]))
             for s in ("train", "valid", "test")}
 
@@ -112,10 +113,15 @@ def test_recbole_atomic_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture
     assert (c["train"]["rows"], c["valid"]["rows"], c["test"]["rows"]) == (12, 1, 3)
     assert (c["train"]["positives"], c["valid"]["positives"], c["test"]["positives"]) == (8, 1, 3)
     assert c["avg_history"] == pytest.approx(sum(len(h) for h in hist.values()) / 16)
-    assert {rel: (m["rows"], m.get("row_groups")) for rel, m in man["files"].items()} == {
-        "train/part-00000.parquet": (8, 2), "train/part-00001.parquet": (4, 1),
-        "valid/part-00000.parquet": (1, 1), "test/part-00000.parquet": (3, 1),
-        "items.parquet": (10, None), "users.parquet": (3, None)}
+    # users in the seeded order 3, 2, 1: user 3 (1 interaction, test) and user 2 (5: 4 train,
+    # 1 test) close the first group at >= 4 interactions, user 1 (10: 8/1/1) is the second;
+    # the shard closes only at >= 8 interactions, after the second group
+    assert pq.read_table(out / "sequences" / "part-00000.parquet",
+                         columns=["user_id"]).column(0).to_pylist() == [3, 2, 1]
+    assert {rel: (m["rows"], m.get("row_groups"), m.get("groups"))
+            for rel, m in man["files"].items()} == {
+        "sequences/part-00000.parquet": (3, 2, [[4, 0, 2], [8, 1, 1]]),
+        "items.parquet": (10, None, None), "users.parquet": (3, None, None)}
     for rel, m in man["files"].items():
         assert hashlib.sha256((out / rel).read_bytes()).hexdigest() == m["sha256"]
     # refuses to overwrite without --force; --force with the same seed rewrites identical files

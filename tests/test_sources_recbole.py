@@ -16,6 +16,7 @@ import pytest
 from data_pipes.prepare import main
 from data_pipes.protocol import MOVIELENS, LabelRule
 from data_pipes.schema import DatasetError
+from data_pipes.sequences import read_split_samples
 from data_pipes.sources.recbole import read_atomic
 
 # 0..10 ratings with implicit zeros (the case the MovieLens rule got wrong).
@@ -40,7 +41,7 @@ def labels(out: Path) -> dict[tuple[str, str], int]:
     users = {r["user_id"]: r["raw_id"] for r in pq.read_table(out / "users.parquet").to_pylist()}
     items = {r["item_id"]: r["raw_id"] for r in pq.read_table(out / "items.parquet").to_pylist()}
     return {(users[r["user_id"]], items[r["item_id"]]): r["label"]
-            for s in ("train", "valid", "test") for r in pq.read_table(out / s).to_pylist()}
+            for s in ("train", "valid", "test") for r in read_split_samples(out, s).to_pylist()}
 
 
 def manifest(out: Path) -> dict:
@@ -121,7 +122,7 @@ def test_missing_timestamp_is_file_order(tmp_path: Path) -> None:
     m = manifest(out)
     assert m["protocol"]["timestamp"] == "file order"
     items = {r["item_id"]: r["raw_id"] for r in pq.read_table(out / "items.parquet").to_pylist()}
-    rows = sorted((r for s in ("train", "valid", "test") for r in pq.read_table(out / s)
+    rows = sorted((r for s in ("train", "valid", "test") for r in read_split_samples(out, s)
                    .to_pylist()), key=lambda r: r["timestamp"])
     got = [(r["timestamp"], items[r["item_id"]], r["label"], [items[h] for h in r["history"]])
            for r in rows]
@@ -194,7 +195,7 @@ def test_side_features_bags_floats_and_degenerate(tmp_path: Path,
     assert items["a"]["text"] == "Red Fish; pop rock"
     users = {r["raw_id"]: r for r in pq.read_table(out / "users.parquet").to_pylist()}
     assert [users[u]["age"] for u in ("u1", "u2", "u3")] == [2, 1, 3]
-    rows = [r for s in ("train", "valid", "test") for r in pq.read_table(out / s).to_pylist()]
+    rows = [r for s in ("train", "valid", "test") for r in read_split_samples(out, s).to_pylist()]
     assert all(r["tags"] == items[next(k for k, v in items.items()
                                        if v["item_id"] == r["item_id"])]["tags"] for r in rows)
 

@@ -16,6 +16,7 @@ import pytest
 import data_pipes.sources.synthetic as synthetic
 from data_pipes.prepare import _parser, main
 from data_pipes.protocol import apply_label_rule
+from data_pipes.sequences import read_split_samples
 
 
 def _run(out: Path, *extra: str) -> dict:
@@ -47,25 +48,33 @@ def test_deterministic_sharded_leave_one_out(tmp_path: Path, monkeypatch: pytest
     capsys.readouterr()
     assert _hashes(a) == _hashes(b) == _hashes(w)
     c = _run(tmp_path / "c", "--seed", "8")
-    assert c["files"]["train/part-00000.parquet"]["sha256"] != \
-        a["files"]["train/part-00000.parquet"]["sha256"]
+    assert c["files"]["sequences/part-00000.parquet"]["sha256"] != \
+        a["files"]["sequences/part-00000.parquet"]["sha256"]
     assert a["counts"]["users"] == round(57_440 * 0.01) == 574
     assert a["counts"]["items"] == round(24_588 * 0.01) == 246
     assert 5 * 574 <= a["counts"]["samples"] < a["source"]["interactions"]
     out = tmp_path / "a"
-    for split in ("train", "valid", "test"):
-        rows = a["counts"][split]["rows"]
-        parts = sorted((out / split).iterdir())
-        assert [p.name for p in parts] == [f"part-{k:05d}.parquet"
-                                           for k in range(-(-rows // 1000))]
-        sizes = [pq.ParquetFile(p).metadata.row_group(g).num_rows
-                 for p in parts for g in range(pq.ParquetFile(p).metadata.num_row_groups)]
-        assert sizes == [500] * (rows // 500) + ([rows % 500] if rows % 500 else [])
-        assert [a["files"][f"{split}/{p.name}"]["rows"] for p in parts] == \
-            [min(1000, rows - 1000 * k) for k in range(len(parts))]
+    # row groups of whole users closed once they reach 500 interactions, shards once they
+    # reach 1200; every sample is a stored position
+    parts = sorted((out / "sequences").iterdir())
+    assert [p.name for p in parts] == [f"part-{k:05d}.parquet" for k in range(len(parts))]
+    longest = 0
+    group_sizes, shard_sizes = [], []
+    for p in parts:
+        items = pq.read_table(p, columns=["items"]).column("items")
+        longest = max(longest, max(len(x) for x in items.to_pylist()))
+        pf = pq.ParquetFile(p)
+        sizes = [sum(len(x) for x in pf.read_row_group(g, columns=["items"]).column("items")
+                     .to_pylist()) for g in range(pf.metadata.num_row_groups)]
+        group_sizes += sizes
+        shard_sizes.append(sum(sizes))
+        assert a["files"][f"sequences/{p.name}"]["interactions"] == sum(sizes)
+    assert sum(group_sizes) == a["counts"]["samples"]
+    assert all(500 <= n < 500 + longest for n in group_sizes[:-1]) and group_sizes[-1] > 0
+    assert all(1200 <= n < 1200 + 500 + longest for n in shard_sizes[:-1])
 
     rows = [dict(r, split=s) for s in ("train", "valid", "test")
-            for r in pq.read_table(out / s).to_pylist()]
+            for r in read_split_samples(out, s).to_pylist()]
     assert len(rows) == a["counts"]["samples"]
     per_user: dict[int, list[dict]] = defaultdict(list)
     for r in rows:
