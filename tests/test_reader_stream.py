@@ -1,5 +1,6 @@
 """The streaming reader: exactly-once across ranks/workers, equal step counts, deterministic
-order, mid-epoch resume, and the Batch layout on a hand-built case."""
+order, mid-epoch resume, and the Batch layout on a hand-built case. (That the samples it
+yields are the protocol's, histories included: tests/test_reader_sequences.py.)"""
 
 from __future__ import annotations
 
@@ -25,10 +26,13 @@ def _split_rows(ds: Path, split: str) -> int:
 
 def _epoch(ds: Path, split: str, ws: int, nw: int, bs: int = 7, epoch: int = 0,
            seed: int = 1, shuffle: bool = True, bucket: int = 0) -> list[list[np.ndarray]]:
+    """Row ids of each rank's batches (shuffle blocks of 4 of the tiny train split's 15 row
+    groups: several blocks, the last one short)."""
     out = []
     for r in range(ws):
         loader = build_loader(ds, split, batch_size=bs, rank=r, world_size=ws, num_workers=nw,
-                              seed=seed, shuffle=shuffle, bucket_window=bucket)
+                              seed=seed, shuffle=shuffle, bucket_window=bucket,
+                              shuffle_block=4)
         loader.dataset.set_epoch(epoch)
         out.append([b.row_ids.numpy() for b in loader])
     return out
@@ -67,7 +71,7 @@ def test_order_independent_of_workers_and_seeded(tiny_dataset: Path) -> None:
 def test_resume_mid_epoch_yields_exactly_the_rest(tiny_dataset: Path, nw: int,
                                                   bucket: int) -> None:
     kw = dict(batch_size=5, rank=1, world_size=2, num_workers=nw, seed=4, shuffle=True,
-              bucket_window=bucket)
+              bucket_window=bucket, shuffle_block=4)
     full = build_loader(tiny_dataset, "train", **kw)
     full.dataset.set_epoch(2)
     expected = [b.row_ids for b in full]
@@ -99,7 +103,7 @@ def test_read_ahead_gives_the_same_batches(tiny_dataset: Path, ws: int, nw: int,
     what a batch holds: every tensor of every batch of every rank is equal with and without
     it, also after a mid-epoch resume."""
     kw = dict(batch_size=7, world_size=ws, num_workers=nw, seed=5, shuffle=True,
-              bucket_window=bucket)
+              bucket_window=bucket, shuffle_block=3)
     for r in range(ws):
         plain = build_loader(tiny_dataset, "train", rank=r, read_ahead=False, **kw)
         ahead = build_loader(tiny_dataset, "train", rank=r, read_ahead=True, **kw)
