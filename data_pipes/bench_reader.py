@@ -79,30 +79,38 @@ from data_pipes.stream import build_loader, list_row_groups
 
 
 def raw_scan(dataset_dir: Path, split: str, open_once: bool = False) -> tuple[int, float, float]:
-    """(rows, wall seconds, this process's CPU seconds). open_once: open each file once instead
-    of once per row group, as the reader does (re-parsing the footer is ~20% of this scan)."""
+    """(samples of the split, wall seconds, this process's CPU seconds) of reading every
+    sequence row group holding samples of the split, all columns. open_once: open each file
+    once instead of once per row group, as the reader does (re-parsing the footer is ~20% of
+    this scan)."""
     t0, c0 = time.perf_counter(), time.process_time()
     rows = 0
     files: dict[Path, pq.ParquetFile] = {}
     for g in list_row_groups(dataset_dir, split):
         if not open_once or g.path not in files:
             files[g.path] = pq.ParquetFile(g.path)
-        rows += files[g.path].read_row_group(g.index).num_rows
+        files[g.path].read_row_group(g.index)
+        rows += g.rows
     return rows, time.perf_counter() - t0, time.process_time() - c0
 
 
 def whole_file_scan(dataset_dir: Path, split: str,
                     how: str = "read_table") -> tuple[int, float, float]:
-    """(rows, wall seconds, CPU seconds) of the split read file by file with `pq.read_table`
-    (how="read_table") or streamed with `ParquetFile.iter_batches` (how="iter_batches"): the
-    other plain pyarrow scans, faster than row group by row group."""
-    files = sorted({g.path for g in list_row_groups(dataset_dir, split)})
+    """(samples of the split, wall seconds, CPU seconds) of the sequence files holding the
+    split read file by file with `pq.read_table` (how="read_table") or streamed with
+    `ParquetFile.iter_batches` (how="iter_batches"): the other plain pyarrow scans, faster
+    than row group by row group."""
+    groups = list_row_groups(dataset_dir, split)
+    files = sorted({g.path for g in groups})
     t0, c0 = time.perf_counter(), time.process_time()
     if how == "read_table":
-        rows = sum(pq.read_table(f).num_rows for f in files)
+        for f in files:
+            pq.read_table(f)
     else:
-        rows = sum(b.num_rows for f in files for b in pq.ParquetFile(f).iter_batches())
-    return rows, time.perf_counter() - t0, time.process_time() - c0
+        for f in files:
+            for _ in pq.ParquetFile(f).iter_batches():
+                pass
+    return sum(g.rows for g in groups), time.perf_counter() - t0, time.process_time() - c0
 
 
 # every plain scan of a round: JSON name → (rows, wall s, CPU s)
@@ -120,14 +128,14 @@ LAYOUTS = {"full": (True, True), "genci": (True, False), "din": (False, True),
 
 
 def reader_scan(dataset_dir: Path, split: str, batch_size: int, workers: int,
-                layout: str, bucket_window: int = 0,
-                keep_freed: bool = False, read_ahead: bool = True) -> tuple[int, float, float]:
+                layout: str, bucket_window: int = 0, keep_freed: bool = False,
+                read_ahead: bool = True, shuffle_block: int = 16) -> tuple[int, float, float]:
     """(rows, wall seconds, main-process CPU seconds: the whole cost only with 0 workers)."""
     tokens, ids = LAYOUTS[layout]
     loader = build_loader(dataset_dir, split, batch_size=batch_size, num_workers=workers,
                           seed=0, shuffle=True, with_tokens=tokens, with_history_ids=ids,
                           bucket_window=bucket_window, keep_freed_memory=keep_freed,
-                          read_ahead=read_ahead)
+                          read_ahead=read_ahead, shuffle_block=shuffle_block)
     t0, c0 = time.perf_counter(), time.process_time()
     rows = sum(b.size for b in loader)
     return rows, time.perf_counter() - t0, time.process_time() - c0
@@ -149,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--bucket-window", type=int, default=0,
                    help="length bucketing window of the reader (0 = off)")
+    p.add_argument("--shuffle-block", type=int, default=16,
+                   help="row groups whose samples the reader shuffles jointly")
     p.add_argument("--layouts", default=",".join(LAYOUTS),
                    help=f"batch layouts to measure, comma-separated, of {list(LAYOUTS)}")
     p.add_argument("--read-ahead", default="false,true",
@@ -187,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
             scans[name].append(scan(ds, args.split))
         for w, layout, ahead in configs:
             runs[w, layout, ahead].append(reader_scan(ds, args.split, args.batch_size, w, layout,
-                                                      args.bucket_window, keep_freed, ahead))
+                                                      args.bucket_window, keep_freed, ahead,
+                                                      args.shuffle_block))
     raws, once = scans["raw_pyarrow_scan"], scans["raw_pyarrow_scan_open_once"]
     rows = raws[0][0]
     for name, rs in scans.items():
@@ -206,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         line = {"bench": "reader_with_batches", "workers": w, "layout": layout,
                 "read_ahead": ahead,
                 "batch_size": args.batch_size, "bucket_window": args.bucket_window,
+                "shuffle_block": args.shuffle_block,
                 "keep_freed_memory": keep_freed,
                 "rows": rows, "seconds": round(wall, 3), "rows_per_s": round(rows / wall),
                 "ratio_to_raw": round(raw_wall / wall, 3),

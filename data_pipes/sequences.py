@@ -345,10 +345,12 @@ def expand_rows(table: pa.Table, split: int, features: list[FeatureSpec], items:
     hist = None
     if dense_history:
         width = max(int(c.hist_len.max(initial=0)), 1)
-        mask = np.take(_valid_mask(width), c.hist_len, axis=0)
-        idx = c.hist_start[:, None] + np.arange(width)
+        mask = np.take(_valid_mask(width), c.hist_len, axis=0)   # row-major = history order
+        ends = np.cumsum(c.hist_len)
+        flat = np.repeat(c.hist_start - (ends - c.hist_len), c.hist_len) + np.arange(
+            int(ends[-1]) if n else 0)
         hist = np.zeros((n, width), dtype=np.int32)
-        hist[mask] = c.pos_items[idx[mask]]
+        hist[mask] = c.pos_items[flat]
     stacked = np.empty((n, len(scalars)), dtype=np.int64)
     for k, vals in enumerate(scalars):
         stacked[:, k] = vals
@@ -412,6 +414,20 @@ def group_where(path: Path, g: int) -> Callable[[int | None], str]:
     def where(row: int | None) -> str:
         return (f"{path} (row group {g})" if row is None
                 else f"{path} (row group {g}, row {row})")
+    return where
+
+
+def block_where(groups: list[Any], rows: list[int]) -> Callable[[int | None], str]:
+    """Names row `row` of the concatenation of several row groups (objects with `path` and
+    `index`; `rows` sequence rows each) by its own group; None names them all."""
+    ends = np.cumsum(rows)
+    wheres = [group_where(g.path, g.index) for g in groups]
+
+    def where(row: int | None) -> str:
+        if row is None:
+            return "; ".join(w(None) for w in wheres)
+        k = int(np.searchsorted(ends, row, side="right"))
+        return wheres[k](row - (int(ends[k - 1]) if k else 0))
     return where
 
 

@@ -1,9 +1,15 @@
 """Streaming, resumable reader of a prepared split, sharded by rank and then by worker.
 
-An epoch defines one global sample sequence: the split's row groups in a seeded permutation,
-each row group's rows in a seeded permutation (no shuffle for evaluation). Rank r of W takes
-the contiguous slice [⌊rN/W⌋, ⌊(r+1)N/W⌋) of it, so it reads only the row groups overlapping
-its slice and slice sizes differ by at most one. Every rank cuts its slice into the same number
+The data are sequence row groups (data_pipes/sequences.py): each holds whole users, and a
+split's samples in it are cut out of their sequences when the group is decoded; the manifest
+says how many samples of each split every group holds, so an epoch is planned without opening
+a file. An epoch defines one global sample sequence: the row groups holding the split in a
+seeded permutation, cut into blocks of `shuffle_block` consecutive groups, each block's
+samples in a seeded permutation (no shuffle for evaluation: file order). A group holds only a
+few dozen users, so shuffling inside a group alone would fill a batch with the samples of
+those few users; a block mixes M groups' users while a worker still holds one block, not the
+split. Rank r of W takes the contiguous slice [⌊rN/W⌋, ⌊(r+1)N/W⌋) of the sequence, so it
+reads only the blocks overlapping its slice and slice sizes differ by at most one. Every rank cuts its slice into the same number
 of non-empty batches S = ⌈⌈N/W⌉ / batch⌉, so no sample is lost or seen twice in an epoch and
 no collective can hang on an uneven split. Batch j of a rank is built by worker j mod
 num_workers; torchdata's StatefulDataLoader fetches workers round-robin, so the batch sequence
@@ -26,12 +32,13 @@ lengths were read up front, pickled to every worker and turned into positions of
 batch: a worker's peak RSS over the first 100 batches of a 35.6M-row split was 2.74 GB, now
 0.30 GB, flat in the split's size (2026-12-04; data_pipes/bench_bucket_plan.py).
 
-Each worker reads and decodes a row group once per epoch (data_pipes.collate.decode_rows) and
-keeps it until no later batch needs it, so it holds the decoded groups that one batch spans,
-or with bucketing one window of W batches (W·batch rows plus a group at each end). With
-read-ahead (the default) one more thread per iterator reads the next group its batches will
-first use from Parquet while the iterator decodes and gathers batches, so one more Arrow table
-is in memory; what a batch holds does not change.
+Each worker reads and decodes a block once per epoch (data_pipes.sequences.expand_rows, then
+data_pipes.collate.gather_batch per batch) and keeps it until no later batch needs it, so it
+holds the decoded blocks that one batch spans, or with bucketing one window of W batches
+(W·batch rows plus a block at each end). With read-ahead (the default) one more thread per
+iterator reads the next block its batches will first use from Parquet while the iterator
+decodes and gathers batches, so one more block of Arrow tables is in memory; what a batch
+holds does not change.
 """
 
 from __future__ import annotations
@@ -69,6 +76,7 @@ from data_pipes.schema import (
     load_manifest,
 )
 from data_pipes.sequences import (
+    block_where,
     concat_rows,
     expand_rows,
     group_where,
@@ -383,19 +391,26 @@ class StreamingSplit(IterableDataset):
         """Validates the k-th block's row groups and cuts this split's samples out of them
         (data_pipes.sequences.expand_rows), as one Rows."""
         code = SPLITS.index(self.split)
-        parts = []
-        for gi, table in zip(plan.blocks[k], tables, strict=True):
-            g = plan.groups[int(gi)]
-            rows = expand_rows(table, code, self.features, self.item_side,
-                               group_where(g.path, g.index), self.history_cap,
+        groups = [plan.groups[int(gi)] for gi in plan.blocks[k]]
+        if len(tables) > 1 and all(t.schema.equals(tables[0].schema) for t in tables[1:]):
+            # one table for the block: one decode, no copy to join decoded groups
+            table = pa.concat_tables(tables)
+            parts = [(table, groups, block_where(groups, [t.num_rows for t in tables]))]
+        else:   # a group's schema differs (damage): each is checked and named on its own
+            parts = [(t, [g], group_where(g.path, g.index)) for t, g in zip(tables, groups,
+                                                                           strict=True)]
+        decoded = []
+        for table, gs, where in parts:
+            rows = expand_rows(table, code, self.features, self.item_side, where,
+                               self.history_cap,
                                None if self.item_tokens is None else self.item_tokens.shape[0],
                                dense_history=self.with_history_ids
                                or self.item_tokens is not None)
-            if rows.scalars.shape[0] != g.rows:
-                raise DatasetError(f"{g.path} (row group {g.index}): {rows.scalars.shape[0]} "
-                                   f"{self.split} samples, the manifest says {g.rows}")
-            parts.append(rows)
-        return concat_rows(parts), plan.row_perm(k), plan.row_ids(k)
+            if rows.scalars.shape[0] != sum(g.rows for g in gs):
+                raise DatasetError(f"{where(None)}: {rows.scalars.shape[0]} {self.split} "
+                                   f"samples, the manifest says {sum(g.rows for g in gs)}")
+            decoded.append(rows)
+        return concat_rows(decoded), plan.row_perm(k), plan.row_ids(k)
 
     def _lengths(self, plan: EpochPlan, cache: _WorkerCache,
                  k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -495,13 +510,17 @@ def build_loader(dataset_dir: str | Path, split: str, *, batch_size: int, rank: 
     sequence KJT and the dense `history`); a model asks only for what it reads
     (genci_dist.model.build.batch_fields). keep_freed_memory: each worker process applies
     data_pipes.memory.keep_freed_memory (the trainer's own process applies it itself).
-    read_ahead: each iterator (the main process's, or each worker's) reads its next row group
-    from Parquet on a second thread while it decodes and gathers batches.
+    read_ahead: each iterator (the main process's, or each worker's) reads its next block of
+    row groups from Parquet on a second thread while it decodes and gathers batches.
+    shuffle_block: row groups (each a random set of whole users) whose samples are shuffled
+    jointly (training); max_history: histories cut to the most recent max_history items (at
+    most the manifest's protocol.max_history).
     check_files: before anything is read, the split's shards must be exactly the manifest's
     (names, sizes, sha256; data_pipes.verify.check_split_files, which hashes a file only when
     its size or mtime changed since it was last found intact); False skips it (tests of the
     row checks on deliberately edited shards). Rows are always validated as they are decoded
-    (data_pipes.collate.decode_rows: strict types, no nulls, ids in range, labels 0/1)."""
+    (data_pipes.sequences.cut_samples: strict types, no nulls, ids in range, labels 0/1, split
+    codes 0/1/2, one label and split code per position)."""
     ds = StreamingSplit(dataset_dir, split, batch_size=batch_size, rank=rank,
                         world_size=world_size, seed=seed, shuffle=shuffle,
                         with_tokens=with_tokens, pad_history_to=pad_history_to,
@@ -529,6 +548,6 @@ def _init_worker(keep_freed: bool, _worker_id: int) -> None:
 
 def steps_per_epoch(dataset_dir: str | Path, split: str, *, batch_size: int,
                     world_size: int, drop_last: bool = False) -> int:
-    """Batches every rank yields per epoch (from Parquet metadata, no scan)."""
+    """Batches every rank yields per epoch (from the manifest's per-group counts, no scan)."""
     n = sum(g.rows for g in list_row_groups(Path(dataset_dir), split))  # the manifest's
     return num_steps(n, world_size, batch_size, drop_last)

@@ -102,7 +102,7 @@ def test_recbole_atomic_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture
     assert [users[k]["raw_id"] for k in (1, 2, 3)] == ["1", "2", "10"]   # numeric order
     assert [(users[k]["age"], users[k]["gender"], users[k]["occupation"]) for k in (1, 2, 3)
             ] == [(1, 2, 2), (2, 1, 1), (1, 1, 3)]   # 24<53; F<M; other<technician<writer
-    for r in rows["train"]:                   # user and item features denormalised per row
+    for r in rows["train"]:                   # user and item features of every sample
         assert r["genres"] == items[r["item_id"]]["genres"]
         assert r["occupation"] == users[r["user_id"]]["occupation"]
     man = json.loads((out / "manifest.json").read_text())
