@@ -64,7 +64,7 @@ from data_pipes.schema import (
     DatasetError,
     manifest_summary,
 )
-from data_pipes.sequences import SequenceWriter, sequence_table
+from data_pipes.sequence_writer import SequenceWriter, sequence_table
 from data_pipes.sources.recbole import (
     AtomicTable,
     Warn,

@@ -1,11 +1,5 @@
 """The compact on-disk layout (SPEC §2, schema version 2): one row per user sequence, from which
-samples and their histories are cut at read time.
-
-Writing: `sequence_table` turns protocol-ordered `Samples` into one row per user (users in a
-seeded random order, so a row group is a random set of users) and `SequenceWriter` cuts such
-tables into row groups of about `row_group_size` interactions (whole users) and shards of
-about `shard_rows` interactions, recording each row group's sample count per split (the
-manifest's ``groups``: the reader plans an epoch from the manifest alone).
+samples and their histories are cut at read time. (Writing it: data_pipes/sequence_writer.py.)
 
 Reading: `cut_samples` validates one row group and finds the samples of one split in it with
 their histories (all numpy, no loop per user or sample); `expand_rows` turns that into the
@@ -29,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_pipes.collate import Rows, _valid_mask, check_ids, check_nulls, check_schema
-from data_pipes.protocol import SPLIT_CODES, Samples
+from data_pipes.protocol import SPLIT_CODES
 from data_pipes.schema import (
     ITEM,
     ITEMS,
@@ -45,14 +39,7 @@ from data_pipes.schema import (
     feature_specs,
     load_manifest,
 )
-
-# Parquet settings, chosen by measured bytes per interaction (sequence shards rewritten with
-# each setting; ML-100K / synthetic s=1): zstd, no dictionary, PLAIN: 3.55 / 5.17. Parquet's
-# defaults (dictionary, snappy) 6.69 / 10.62; dictionary + zstd 4.75 / 6.88; DELTA_BINARY_PACKED
-# timestamps 4.45 / 4.43 (it wins only on the generator's evenly spaced clock, loses on real
-# ones); BYTE_STREAM_SPLIT timestamps and items 3.60 / 4.84. Dictionaries for labels and split
-# codes change nothing (zstd already squeezes their runs).
-COMPRESSION = "zstd"
+from data_pipes.sequence_writer import list_column
 
 
 def user_columns(features: list[FeatureSpec]) -> list[FeatureSpec]:
@@ -69,122 +56,6 @@ def sequence_columns(features: list[FeatureSpec], timestamps: bool = True) -> di
     if timestamps:
         cols[TIMESTAMPS] = "ints"
     return cols
-
-
-def _lists(offsets: np.ndarray, values: np.ndarray, vtype: pa.DataType) -> pa.ListArray:
-    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)),
-                                    pa.array(values, type=vtype))
-
-
-def sequence_table(s: Samples, user_single: dict[str, np.ndarray],
-                   user_multi: dict[str, pa.ListArray], seed: int | list[int]) -> pa.Table:
-    """One row per user of protocol-ordered samples (sorted by user, then position), users in
-    a seeded random order. user_single / user_multi: user-side features indexed by dense id."""
-    n = len(s)
-    starts = np.flatnonzero(np.r_[True, s.user[1:] != s.user[:-1]]) if n else np.zeros(0, int)
-    lens = np.diff(np.r_[starts, n]).astype(np.int64)
-    perm = np.random.default_rng([*(seed if isinstance(seed, list) else [seed]), 7]
-                                 ).permutation(starts.size)
-    lens_p = lens[perm]
-    offsets = np.r_[0, np.cumsum(lens_p)].astype(np.int64)
-    flat = np.repeat(starts[perm] - offsets[:-1], lens_p) + np.arange(n)
-    uid = s.user[starts[perm]].astype(np.int32)
-    cols: dict[str, Any] = {USER: pa.array(uid, pa.int32())}
-    for name, arr in user_single.items():
-        cols[name] = pa.array(arr[uid], pa.int32())
-    for name, lst in user_multi.items():
-        cols[name] = lst.take(pa.array(uid))
-    cols[SEQ_ITEMS] = _lists(offsets, s.item[flat].astype(np.int32), pa.int32())
-    cols[LABELS] = _lists(offsets, s.label[flat].astype(np.int8), pa.int8())
-    cols[TIMESTAMPS] = _lists(offsets, s.timestamp[flat].astype(np.int64), pa.int64())
-    cols[SEQ_SPLITS] = _lists(offsets, s.split[flat].astype(np.int8), pa.int8())
-    return pa.table(cols)
-
-
-def _split_counts(table: pa.Table) -> np.ndarray:
-    """[rows, 3] samples of each split per sequence row."""
-    col = table.column(SEQ_SPLITS).combine_chunks()
-    offsets = col.offsets.to_numpy().astype(np.int64)
-    codes = col.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]].astype(np.int64)
-    row = np.repeat(np.arange(len(col)), np.diff(offsets))
-    out = np.zeros((len(col), 3), dtype=np.int64)
-    np.add.at(out, (row, codes), 1)
-    return out
-
-
-class SequenceWriter:
-    """Writes sequence tables, in order, to `root/sequences/STEM-KKKKK.parquet`: row groups of
-    about `row_group_size` interactions (whole users; a group closes once it reaches the size,
-    so only a user longer than the size makes a larger one), shards of about `shard_rows`
-    interactions. `close()` returns the manifest entries {rel: {rows, row_groups, groups,
-    interactions}} (`groups` = [[train, valid, test] samples per row group])."""
-
-    def __init__(self, root: Path, row_group_size: int, shard_rows: int,
-                 stem: str = "part") -> None:
-        self.root, self.rgs, self.stem = root, max(1, row_group_size), stem
-        self.shard_rows = max(self.rgs, shard_rows)
-        (root / SEQUENCES).mkdir(exist_ok=True)
-        self.pending: list[pa.Table] = []
-        self.pending_n = 0
-        self.writer: pq.ParquetWriter | None = None
-        self.files: dict[str, dict[str, Any]] = {}
-        self.cur: dict[str, Any] | None = None
-        self.schema: pa.Schema | None = None
-
-    def add(self, table: pa.Table) -> None:
-        if table.num_rows == 0:
-            self.schema = self.schema or table.schema
-            return
-        self.schema = self.schema or table.schema
-        self.pending.append(table)
-        self.pending_n += _n_inter(table)
-        if self.pending_n >= self.rgs:
-            whole = pa.concat_tables(self.pending)
-            cum = np.cumsum(np.diff(whole.column(SEQ_ITEMS).combine_chunks().offsets
-                                    .to_numpy().astype(np.int64)))
-            start = 0
-            while start < whole.num_rows and cum[-1] - (cum[start - 1] if start else 0) \
-                    >= self.rgs:
-                base = cum[start - 1] if start else 0
-                end = int(np.searchsorted(cum, base + self.rgs, side="left")) + 1
-                self._write_group(whole.slice(start, end - start))
-                start = end
-            rest = whole.slice(start)
-            self.pending = [rest] if rest.num_rows else []
-            self.pending_n = int(cum[-1] - (cum[start - 1] if start else 0))
-
-    def _write_group(self, group: pa.Table) -> None:
-        n = _n_inter(group)
-        if self.writer is None or self.cur is None or self.cur["interactions"] >= self.shard_rows:
-            self._close_file()
-            rel = f"{SEQUENCES}/{self.stem}-{len(self.files):05d}.parquet"
-            self.writer = pq.ParquetWriter(self.root / rel, group.schema,
-                                           compression=COMPRESSION, use_dictionary=False)
-            self.cur = {"rows": 0, "row_groups": 0, "interactions": 0, "groups": []}
-            self.files[rel] = self.cur
-        assert self.writer is not None
-        self.writer.write_table(group, row_group_size=max(group.num_rows, 1))
-        self.cur["rows"] += group.num_rows
-        self.cur["row_groups"] += 1
-        self.cur["interactions"] += n
-        self.cur["groups"].append(_split_counts(group).sum(axis=0).tolist())
-
-    def _close_file(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-
-    def close(self) -> dict[str, dict[str, Any]]:
-        if self.pending:
-            self._write_group(pa.concat_tables(self.pending))
-            self.pending, self.pending_n = [], 0
-        self._close_file()
-        return self.files
-
-
-def _n_inter(table: pa.Table) -> int:
-    return int(sum(int(c.offsets[-1].as_py()) - int(c.offsets[0].as_py())
-                   for c in table.column(SEQ_ITEMS).chunks if len(c)))
 
 
 # ---- reading -------------------------------------------------------------------------------
@@ -459,11 +330,11 @@ class SplitSamples:
             USER: pa.array(self.user, pa.int32()), ITEM: pa.array(self.item, pa.int32()),
             "label": pa.array(self.label, pa.int8()),
             "timestamp": pa.array(self.timestamp, pa.int64()),
-            "history": _lists(self.hist_offsets, self.hist_values, pa.int32())}
+            "history": list_column(self.hist_offsets, self.hist_values, pa.int32())}
         for name, v in self.features.items():
             if name not in cols:
                 cols[name] = (pa.array(v, pa.int32()) if isinstance(v, np.ndarray)
-                              else _lists(v[0], v[1], pa.int32()))
+                              else list_column(v[0], v[1], pa.int32()))
         return pa.table(cols)
 
     def to_pylist(self) -> list[dict[str, Any]]:

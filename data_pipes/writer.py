@@ -33,7 +33,7 @@ from data_pipes.schema import (
     DatasetError,
     FeatureSpec,
 )
-from data_pipes.sequences import SequenceWriter, sequence_table
+from data_pipes.sequence_writer import SequenceWriter, sequence_table
 
 
 @dataclass

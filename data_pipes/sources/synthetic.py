@@ -63,7 +63,7 @@ from data_pipes.schema import (
     FeatureSpec,
     manifest_summary,
 )
-from data_pipes.sequences import SequenceWriter, sequence_table
+from data_pipes.sequence_writer import SequenceWriter, sequence_table
 from data_pipes.writer import finish_counts, sha256_file, split_counts, staging
 
 BASE_USERS, BASE_ITEMS = 57_440, 24_588
