@@ -38,6 +38,17 @@ din 0.57–0.62, fields 0.64–0.67, full (no model reads it) 0.43–0.55. On CP
 does ~1.9× the scan's work (ratio 0.53), so its rate comes from using both cores, as the
 scans do.
 
+The compact layout (schema 2: sequence shards, samples and histories cut at read time;
+2026-12-05, three interleaved rounds of `--workers 0 --repeats 3 --layouts genci --read-ahead
+true`, train split, random semantic IDs, this layout against the per-sample one of schema 1
+on the same data, machine shared): ML-100K 2.14 / 2.43 / 2.27 M samples/s against 1.55 /
+2.17 / 1.58 M; synthetic s = 1 2.97 / 2.88 / 2.79 M against 2.26 / 3.66 / 3.83 M (median 0.79
+of schema 1's). A scan of the sequence files now reads 5-17x fewer bytes, so the reader is
+0.11-0.20 of the strictest scan (schema 1's files: 0.23-0.40); what it costs is the cut
+(`expand_rows`: histories and features per sample) and the gathers, not the Parquet read.
+`--shuffle-block` 1 / 4 / 16 on synthetic s = 1: 2.02 / 3.08 / 2.90 M samples/s (one run
+each: mixing users across groups costs no measurable speed).
+
 Design choices behind those figures (data_pipes/stream.py; 2026-12-04, 437b533 and 39140dc):
 - The read-ahead thread only reads Parquet. Arrow reads without holding the GIL, so the read
   overlaps the gathering thread. Decoding on the read-ahead thread too was slower: moving
