@@ -65,8 +65,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="default: temporal (MovieLens), leave_one_out (Amazon, synthetic)")
     p.add_argument("--max-history", type=int, default=None,
                    help="default 50 for MovieLens, 20 for Amazon/synthetic")
-    p.add_argument("--row-group-size", type=int, default=8192)
-    p.add_argument("--shard-rows", type=int, default=1 << 18)
+    p.add_argument("--row-group-size", type=int, default=8192,
+                   help="interactions per sequence row group (whole users: a group closes "
+                        "once it reaches this many)")
+    p.add_argument("--shard-rows", type=int, default=1 << 18,
+                   help="interactions per sequence shard (whole row groups)")
     p.add_argument("--scale", type=float, default=1.0, help="synthetic scale factor")
     p.add_argument("--workers", type=int, default=1,
                    help="synthetic: processes generating chunks (same files for any value)")

@@ -126,8 +126,8 @@ class Cut:
 
 def cut_samples(table: pa.Table, split: int, max_history: int, features: list[FeatureSpec],
                 where: Callable[[int | None], str], item_card: int | None = None) -> Cut:
-    """Validates a sequence row group (types, nulls, ids, labels 0/1, split codes in {0, 1,
-    2}, equal list lengths per row) and cuts the samples of split code `split` out of it."""
+    """Validates a sequence row group (types, nulls, ids of items, users and user features,
+    labels 0/1, split codes in {0, 1, 2}, equal list lengths per row) and cuts the samples of split code `split` out of it."""
     cols = sequence_columns(features, timestamps=TIMESTAMPS in table.column_names)
     check_schema(table.schema, cols, where)
     check_nulls(table, list(cols), where)
@@ -156,9 +156,15 @@ def cut_samples(table: pa.Table, split: int, max_history: int, features: list[Fe
         check_ids(SEQ_ITEMS, items, item_card, where, lens)
     users = table.column(USER).to_numpy().astype(np.int64) if table.num_rows else \
         np.zeros(0, np.int64)
-    user_card = next((f.cardinality for f in features if f.name == USER), None)
-    if user_card is not None:
-        check_ids(USER, users, user_card, where)
+    for f in features:      # user_id and the user-side features stored in the row
+        if f.name == USER:
+            check_ids(USER, users, f.cardinality, where)
+        elif f.side == "user":
+            if f.multi:
+                off, vals = _list_col(table, f.name)
+                check_ids(f.name, vals, f.cardinality, where, np.diff(off))
+            else:
+                check_ids(f.name, table.column(f.name).to_numpy(), f.cardinality, where)
     before = np.cumsum(labels) - labels                  # positives before, in the group
     p = before - np.repeat(before[offsets[:-1]] if lens.size else before[:0], lens)
     sel = np.flatnonzero(codes == split)
@@ -187,8 +193,7 @@ def expand_rows(table: pa.Table, split: int, features: list[FeatureSpec], items:
     for f in features:
         if f.multi:
             if f.side == "user":
-                off, vals = _list_col(table, f.name)
-                check_ids(f.name, vals, f.cardinality, where, np.diff(off))
+                off, vals = _list_col(table, f.name)    # ids checked by cut_samples
                 ids = c.seq_row
             else:
                 off, vals = items.multi[f.name]
@@ -205,9 +210,7 @@ def expand_rows(table: pa.Table, split: int, features: list[FeatureSpec], items:
             if f.name in (USER, ITEM):
                 vals = c.user if f.name == USER else c.item
             elif f.side == "user":
-                col = table.column(f.name).to_numpy().astype(np.int64)
-                check_ids(f.name, col, f.cardinality, where)
-                vals = col[c.seq_row]
+                vals = table.column(f.name).to_numpy().astype(np.int64)[c.seq_row]
             else:
                 vals = items.single[f.name][c.item]
             no_missing &= bool(vals.size == 0 or vals.min() > 0)

@@ -115,6 +115,10 @@ CASES = [
         [1, 2, 77, 4], pa.int32())), True,
      P + r" \(row group 1, row 0\): field 'user_id' has id 77 outside \[0, 31\)",
      P + r" \(row group 1, row 0\): field 'user_id' has id 77 outside \[0, 31\)", 1),
+    ("user feature id out of range", lambda ds: _set_column(ds, "gender", pa.array(
+        [1, 2, 1, 9], pa.int32())), True,
+     P + r" \(row group 1, row 1\): field 'gender' has id 9 outside \[0, 3\)",
+     P + r" \(row group 1, row 1\): field 'gender' has id 9 outside \[0, 3\)", 1),
     ("label 2", lambda ds: _at(ds, "labels", 2, 5, 2), True,
      P + r" \(row group 1, row 0\): field 'labels' has 2 at position 5, expected 0 or 1$",
      P + r" \(row group 1, row 0\): field 'labels' has 2 at position 5, expected 0 or 1$", 1),

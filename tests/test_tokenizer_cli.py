@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from data_pipes.schema import SCHEMA_VERSION
 from genci_dist.config_loader import ConfigError
 from genci_dist.tokenizer import embed
 from genci_dist.tokenizer.cli import load_tokenizer_config, main
@@ -38,7 +39,7 @@ def _dataset(root: Path, n: int = 60) -> Path:
                    d / "items.parquet")
     sha = hashlib.sha256((d / "items.parquet").read_bytes()).hexdigest()
     (d / "manifest.json").write_text(json.dumps({
-        "schema_version": 1, "counts": {"items": n}, "files": {"items.parquet": {"sha256": sha}}}))
+        "schema_version": SCHEMA_VERSION, "counts": {"items": n}, "files": {"items.parquet": {"sha256": sha}}}))
     return d
 
 

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from data_pipes.schema import SCHEMA_VERSION
 from genci_dist.tokenizer.cli import duplicate_rows, main
 from genci_dist.tokenizer.config import TokenizerConfig
 from genci_dist.tokenizer.embed import embed_texts
@@ -158,7 +159,7 @@ def test_cli_scaled_path_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtur
                              "text": _texts(n)}), d / "items.parquet")
     sha = hashlib.sha256((d / "items.parquet").read_bytes()).hexdigest()
     (d / "manifest.json").write_text(json.dumps({
-        "schema_version": 1, "counts": {"items": n}, "files": {"items.parquet": {"sha256": sha}}}))
+        "schema_version": SCHEMA_VERSION, "counts": {"items": n}, "files": {"items.parquet": {"sha256": sha}}}))
     args = ["--data", str(d), "--no-progress", "--threads", "1",
             "--tokenizer.codebook_size", "8", "--tokenizer.hidden_dims", "[32]",
             "--tokenizer.latent_dim", "8", "--tokenizer.embed_chunk_size", "16",
