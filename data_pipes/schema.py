@@ -10,6 +10,7 @@ A prepared dataset is a folder::
     train/ valid/ test/    part-00000.parquet ...: one row per sample, fixed row-group size
     semantic_ids.parquet   written by the tokenizer: item_id, code_0..code_{N-1}, collision
     cohorts.npz            written by the tokenizer: CSR cohort index
+    item_tokens-<hash>.npy derived by the reader from semantic_ids.parquet, memory-mapped
 
 Sample shard columns: ``user_id``, ``item_id`` (int32), ``label`` (int8, 0/1), ``timestamp``
 (int64, seconds), ``history`` (list<int32> of earlier positive item ids, oldest first, at most
@@ -33,6 +34,8 @@ ITEMS = "items.parquet"
 USERS = "users.parquet"
 SEMANTIC_IDS = "semantic_ids.parquet"
 COHORTS = "cohorts.npz"
+# The reader's memory-mapped token table, derived from SEMANTIC_IDS (data_pipes.collate)
+ITEM_TOKENS_STEM = "item_tokens"
 SPLITS = ("train", "valid", "test")
 
 USER = "user_id"
