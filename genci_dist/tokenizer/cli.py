@@ -100,7 +100,7 @@ def duplicate_rows(x: np.ndarray, batch_size: int = 65536) -> int:
     in batches: memory O(M) for the hashes instead of a sort of the whole array)."""
     import hashlib
 
-    from genci_dist.tokenizer.rqvae import _drop_pages
+    from genci_dist.tokenizer.embed import drop_pages
 
     keys = np.empty((x.shape[0], 2), dtype=np.uint64)
     for lo in range(0, x.shape[0], batch_size):
@@ -108,7 +108,7 @@ def duplicate_rows(x: np.ndarray, batch_size: int = 65536) -> int:
         for i, row in enumerate(xb):
             keys[lo + i] = np.frombuffer(hashlib.blake2b(row.tobytes(), digest_size=16).digest(),
                                          dtype=np.uint64)
-        _drop_pages(x)
+        drop_pages(x)
     _, inv, cnt = np.unique(keys, axis=0, return_inverse=True, return_counts=True)
     return int((cnt[inv.reshape(-1)] > 1).sum())
 

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from genci_dist.tokenizer.config import TokenizerConfig
+from genci_dist.tokenizer.embed import drop_pages
 
 _DIST_CHUNK = 2048
 
@@ -324,6 +325,7 @@ def _train_sampled(embeddings: np.ndarray, cfg: TokenizerConfig, progress: bool,
     n = embeddings.shape[0]
     rows = sample_rows(n, cfg.train_sample, cfg.seed)
     x = torch.from_numpy(np.ascontiguousarray(embeddings[rows], dtype=np.float32))
+    drop_pages(embeddings)      # the sample is copied: the map's pages leave the RSS
     model = RQVAE(x.shape[1], cfg)
     model.fit_normalisation(x)
     if cfg.kmeans_init:
@@ -367,19 +369,6 @@ class Assignment:
     n_values: int
 
 
-def _drop_pages(arr: np.ndarray) -> None:
-    """Releases the pages of a read-only memory map already read (they stay in the page
-    cache), so scanning a large embedding file does not grow this process's RSS."""
-    mm = getattr(arr, "_mmap", None)
-    if mm is not None and hasattr(mm, "madvise"):
-        import mmap
-
-        try:
-            mm.madvise(mmap.MADV_DONTNEED)
-        except (OSError, ValueError):
-            pass
-
-
 @torch.no_grad()
 def assign_codes(model: RQVAE, embeddings: np.ndarray, batch_size: int = 65536) -> Assignment:
     """Codes of every row of embeddings [M, D_in] (an array or memory map), batch by batch:
@@ -391,7 +380,7 @@ def assign_codes(model: RQVAE, embeddings: np.ndarray, batch_size: int = 65536) 
     total = np.zeros(d, dtype=np.float64)
     for lo in range(0, m, batch_size):
         total += np.asarray(embeddings[lo:lo + batch_size], dtype=np.float64).sum(0)
-        _drop_pages(embeddings)
+        drop_pages(embeddings)
     mean = total / max(m, 1)
     sq_err = sq_dev = 0.0
     for lo in range(0, m, batch_size):
@@ -400,6 +389,6 @@ def assign_codes(model: RQVAE, embeddings: np.ndarray, batch_size: int = 65536) 
         codes[lo:lo + len(xb)] = c.numpy()
         sq_err += float(((x_hat.double() - torch.from_numpy(xb).double()) ** 2).sum())
         sq_dev += float(((xb.astype(np.float64) - mean) ** 2).sum())
-        _drop_pages(embeddings)
+        drop_pages(embeddings)
     model.train(was)
     return Assignment(codes, sq_err, sq_dev, m * d)
