@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from genci_dist.tokenizer.config import TokenizerConfig
-from genci_dist.tokenizer.embed import drop_pages
+from genci_dist.tokenizer.embed import drop_pages, take_rows
 
 _DIST_CHUNK = 2048
 
@@ -324,8 +324,7 @@ def _train_sampled(embeddings: np.ndarray, cfg: TokenizerConfig, progress: bool,
 
     n = embeddings.shape[0]
     rows = sample_rows(n, cfg.train_sample, cfg.seed)
-    x = torch.from_numpy(np.ascontiguousarray(embeddings[rows], dtype=np.float32))
-    drop_pages(embeddings)      # the sample is copied: the map's pages leave the RSS
+    x = torch.from_numpy(take_rows(embeddings, rows))   # RSS: the sample, not the map
     model = RQVAE(x.shape[1], cfg)
     model.fit_normalisation(x)
     if cfg.kmeans_init:
