@@ -11,6 +11,7 @@ A prepared dataset is a folder::
                            random order), row groups of about row_group_size interactions
     semantic_ids.parquet   written by the tokenizer: item_id, code_0..code_{N-1}, collision
     cohorts.npz            written by the tokenizer: CSR cohort index
+    item_tokens-<hash>.npy derived by the reader from semantic_ids.parquet, memory-mapped
 
 Sequence shard columns: ``user_id`` (int32), one column per user-side feature (int32, or
 list<int32> if multi), and per position of the user's sequence, in protocol order (timestamp,
@@ -39,6 +40,8 @@ ITEMS = "items.parquet"
 USERS = "users.parquet"
 SEMANTIC_IDS = "semantic_ids.parquet"
 COHORTS = "cohorts.npz"
+# The reader's memory-mapped token table, derived from SEMANTIC_IDS (data_pipes.collate)
+ITEM_TOKENS_STEM = "item_tokens"
 SPLITS = ("train", "valid", "test")
 SEQUENCES = "sequences"
 

@@ -143,6 +143,21 @@ class StreamingSplit(IterableDataset):
         self._next = 0       # next batch index of this worker's next yield
         self._resume: dict[str, Any] | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled for a worker without a memory-mapped token table's contents (pickling a
+        memmap copies it); the worker maps the same file again (`__setstate__`)."""
+        state = self.__dict__.copy()
+        state["_tokens_mapped"] = isinstance(self.item_tokens, np.memmap)
+        if state["_tokens_mapped"]:
+            state["item_tokens"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        mapped = state.pop("_tokens_mapped", False)
+        self.__dict__.update(state)
+        if mapped:
+            self.item_tokens = load_item_tokens(self.dataset_dir)[0]
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self._next = 0

@@ -107,6 +107,8 @@ class TrainConfig:
     0.65–0.67 s. RSS stays at its peak between steps."""
     log_every: int = 50
     eval_every_epoch: bool = True
+    """Evaluate the valid split after every epoch (early stopping, best checkpoint); false:
+    train only (benchmarks and slices of data too large to validate every time)."""
     progress_bar: bool = True
     tensorboard: bool = True
     run_dir: str = "runs/default"

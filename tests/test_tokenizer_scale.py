@@ -192,3 +192,51 @@ def test_bf16_embedding_close_to_float32_and_cached_apart(tmp_path: Path) -> Non
         embed_texts(texts, "all-MiniLM-L6-v2", tmp_path, dtype="float16")
     with pytest.raises(ValueError, match="embed_dtype"):
         TokenizerConfig(embed_dtype="float16")  # type: ignore[arg-type]
+
+
+def _mapped_kib(path: Path) -> int:
+    """Resident KiB of this process's mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5:          # a mapping's header line
+            inside = line.endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(head[1])
+    return total
+
+
+@pytest.mark.parametrize("block", [7, 64, 1000])
+def test_take_rows_equals_fancy_index(tmp_path: Path, block: int) -> None:
+    from genci_dist.tokenizer.embed import take_rows
+
+    arr = np.random.default_rng(0).standard_normal((300, 5)).astype(np.float32)
+    np.save(tmp_path / "a.npy", arr)
+    mm = np.load(tmp_path / "a.npy", mmap_mode="r")
+    for rows in (np.array([], dtype=np.int64), np.array([0, 6, 7, 63, 64, 299]),
+                 sample_rows(300, 120, 3), np.arange(300)):
+        np.testing.assert_array_equal(take_rows(mm, rows, block), arr[rows])
+        np.testing.assert_array_equal(take_rows(arr, rows, block), arr[rows])
+
+
+def test_sampling_a_memory_map_keeps_its_pages_out_of_the_rss(tmp_path: Path) -> None:
+    """A 10 % sample of a 96 MB map: the fancy index maps (nearly) the whole file into the
+    process; take_rows leaves at most a block's pages."""
+    from genci_dist.tokenizer.embed import take_rows
+
+    path = tmp_path / "emb.npy"
+    n, d = 65536, 384
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, d))
+    out[:] = 1.0
+    out.flush()
+    del out
+    rows = sample_rows(n, n // 10, 1)
+    mm = np.load(path, mmap_mode="r")
+    got = take_rows(mm, rows, block=1024)
+    assert got.shape == (rows.size, d) and float(got.sum()) == rows.size * d
+    assert _mapped_kib(path) <= 2 * 1024 * d * 4 // 1024       # about one block at most
+    del mm
+    mm = np.load(path, mmap_mode="r")
+    naive = np.asarray(mm[rows])
+    assert naive.shape == got.shape
+    assert _mapped_kib(path) > n * d * 4 // 1024 // 2           # the problem it avoids

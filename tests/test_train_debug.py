@@ -77,3 +77,18 @@ def test_debug_run_writes_metrics_and_curves(two_runs: tuple[Path, Path]) -> Non
     assert [h["epoch"] for h in metrics["history"]] == [0, 1]
     png = (run / "training_curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+
+
+def test_train_only_run_skips_validation(two_runs: tuple[Path, Path]) -> None:
+    """train.eval_every_epoch = false: the same steps as a validated run, no valid entry in
+    the history, no best epoch, and a checkpoint of the last step to evaluate later."""
+    tmp = two_runs[0].parent
+    run = _run(tmp, "train_only", "--train.max_steps", str(CHECK_STEPS),
+               "--train.eval_every_epoch", "false", "--eval.splits", "[]")
+    assert _steps(run) == _steps(two_runs[0])[:CHECK_STEPS]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == CHECK_STEPS and "test" not in metrics
+    assert [set(h) for h in metrics["history"]] == [{"epoch", "step", "train", "epoch_s"}]
+    assert metrics["best_epoch"] == -1
+    assert [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step")] \
+        == [f"step-{CHECK_STEPS:07d}"]

@@ -36,6 +36,12 @@ Stages (STAGES: name → the child command; add one by adding an entry):
     read      one full pass of data_pipes.stream.build_loader over the train split (batch
               1024, history item ids, semantic-ID tokens if the dataset has them, shard
               hashes checked first as in training); samples_per_s over the whole pass
+    tokenize  genci-tokenize at catalogue scale (genci_dist/bench/scale_jobs.py: bf16
+              chunks, RQ-VAE on a sample with --tokenizer-steps); items/s and its report
+    train     --train-steps steps of --train-model on --world-size ranks under torchrun,
+              no validation; samples/s after warm-up, each rank's peak RSS and its drift
+    evaluate  genci-evaluate of the train stage's checkpoint on --eval-split under torchrun:
+              rows, AUC / LogLoss / GAUC, seconds, each rank's peak RSS
 
 --clean deletes each scale's dataset after its last stage (s = 200 takes 2.7 GB of disk).
 """
@@ -98,11 +104,25 @@ def prepare_mem_command(out: Path, scale: float, opts: argparse.Namespace) -> li
     return prepare_command(out, scale, opts, partitions="1")
 
 
+def _job(stage: str, out: Path, scale: float, opts: argparse.Namespace) -> list[str]:
+    """A stage of genci_dist/bench/scale_jobs.py on the scale's dataset."""
+    return [sys.executable, "-m", "genci_dist.bench.scale_jobs", stage,
+            "--data", str(dataset_dir(out, scale)), "--threads", str(opts.threads),
+            "--tokenizer-steps", str(opts.tokenizer_steps), "--model", opts.train_model,
+            "--steps", str(opts.train_steps), "--world-size", str(opts.world_size),
+            "--batch-size", str(opts.batch_size), "--config", opts.train_config,
+            "--run-dir", str(out / f"run-s{scale:g}-{opts.train_model}"),
+            "--split", opts.eval_split]
+
+
 STAGES: dict[str, Callable[[Path, float, argparse.Namespace], list[str]]] = {
     "generate": generate_command,
     "read": read_command,
     "prepare": prepare_command,
     "prepare_mem": prepare_mem_command,
+    "tokenize": lambda out, s, o: _job("tokenize", out, s, o),
+    "train": lambda out, s, o: _job("train", out, s, o),
+    "evaluate": lambda out, s, o: _job("evaluate", out, s, o),
 }
 
 
@@ -184,7 +204,8 @@ def run_stage(stage: str, cmd: list[str], data: Path, scale: float) -> dict[str,
             "peak_rss_gb": round(max(peak["self_kib"], peak["children_kib"]) / 2**20, 3),
             "bytes": dir_bytes(data), "interactions": interactions,
             "samples": child.get("samples"), "load1": round(load1, 2),
-            **{k: v for k, v in child.items() if k in ("samples_per_s", "batches")}}
+            **{k: v for k, v in child.items() if k in ("samples_per_s", "batches")},
+            **child.get("line", {})}   # the scale_jobs stages' own figures
 
 
 def growth_exponent(x: Sequence[float], y: Sequence[float]) -> float:
@@ -204,6 +225,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="generator processes")
     p.add_argument("--seed", type=int, default=2024)
     p.add_argument("--batch-size", type=int, default=1024, help="read stage batch size")
+    p.add_argument("--threads", type=int, default=0, help="tokenize: compute threads")
+    p.add_argument("--tokenizer-steps", type=int, default=10000,
+                   help="tokenize: RQ-VAE step budget (on a 262,144-item sample)")
+    p.add_argument("--train-model", default="deepfm", help="train/evaluate: model.name")
+    p.add_argument("--train-config", default="configs/instrument.toml")
+    p.add_argument("--train-steps", type=int, default=100, help="train: steps (a slice)")
+    p.add_argument("--world-size", type=int, default=2, help="train/evaluate: ranks")
+    p.add_argument("--eval-split", default="train", help="evaluate: split")
     p.add_argument("--clean", action="store_true",
                    help="delete each scale's dataset after its stages")
     p.add_argument("--child-read", default=None, help=argparse.SUPPRESS)

@@ -36,9 +36,14 @@ def load_generation_assets(dataset_dir: str | Path, manifest: dict[str, Any],
 
 def batch_fields(cfg: ModelConfig) -> dict[str, bool]:
     """Which forms of the history a model reads, as build_loader's keyword arguments: GenCI
-    its semantic-ID tokens, DIN its item ids (sequence KJT and width); DeepFM / DCNv2
-    neither. The reader builds nothing else (a GenCI batch without the ids: the data_pipes/bench_reader.py docstring)."""
-    return {"with_tokens": cfg.name == "genci", "with_history_ids": cfg.name == "din"}
+    its semantic-ID tokens (and its item ids when its SR teacher reads the mean-pooled
+    history, model.sr_teacher_history), DIN its item ids (sequence KJT and width); DeepFM /
+    DCNv2 neither. The reader builds nothing else (a GenCI batch without the ids: the
+    data_pipes/bench_reader.py docstring)."""
+    genci = cfg.name == "genci"
+    return {"with_tokens": genci,
+            "with_history_ids": cfg.name == "din" or (
+                genci and cfg.use_sr and cfg.sr_teacher_history)}
 
 
 def build_task(cfg: ModelConfig, features: list[FeatureSpec], assets: GenerationAssets | None,

@@ -24,6 +24,25 @@ class ModelConfig:
     mlp: tuple[int, ...] = (256, 256, 256)
     """Prediction MLP (Eq. 10) hidden widths."""
     dropout: float = 0.1
+    mlp_dropout: Literal["after", "before"] = "after"
+    """Where the dropout of every prediction MLP sits (GenCI's Eq. 10 MLP and its SR teacher's
+    deep part, the DeepFM / DCNv2 / DIN deep parts): "after" = Linear→ReLU→Dropout blocks (no
+    dropout on the MLP's input); "before" = Dropout→Linear→ReLU blocks, as the official
+    release's RecBole MLPLayers: input dropout on the MLP's whole input, GenCI's 2·d_model
+    intent dims included. The final linear to the logit has no dropout in front of it in
+    either."""
+    init: Literal["default", "xavier_normal"] = "default"
+    """Initialisation of the dense modules. "default": each module's own (prediction MLPs and
+    heads Xavier-uniform with zero biases, transformers' T5 init, MultiheadAttention's).
+    "xavier_normal": as the official release's `self.apply(_init_weights)`, every nn.Linear
+    weight and every dense nn.Embedding (T5's token table and relative-position buckets) is
+    re-drawn from N(0, 2/(fan_in+fan_out)), every Linear bias set to 0, after the model is
+    built (MultiheadAttention's packed in_proj is not an nn.Linear there either and keeps
+    its init; its out_proj is re-drawn). The TorchRec tables keep their own init (uniform in
+    ±sqrt(1/rows)); the official code also draws its id tables with xavier_normal, which for
+    a [rows, e] table is std sqrt(2/(rows+e)) — its token fields share one table, so rows is
+    the sum of their cardinalities — matched in variance by an EmbeddingBagConfig with
+    weight_init_min/max = ∓sqrt(6/(rows+e)) (TorchRec's fused kernels draw uniform only)."""
     # --- generator (T5) -----------------------------------------------------------------
     d_model: int = 64
     d_ff: int = 64
@@ -79,6 +98,15 @@ class ModelConfig:
     mu: float = 1.0
     eta: float = 1.0
     sr_detach_teacher: bool = False
+    """L_SR's soft target σ(t) is detached: the teacher learns from BCE(t, y) alone and is not
+    pulled toward the student's logit z (undetached, ∂L_SR/∂t = σ(t)(1−σ(t))·(−z) + σ(t) − y
+    per sample, η/B times)."""
+    sr_teacher_history: bool = False
+    """The SR teacher (DeepFM) reads one more field: the mean of the history's item-id
+    embeddings (its own width-e table `t_sr_history`, MEAN-pooled over the real history items,
+    zeros for an empty history), as the official teacher sees the RecBole `item_seq` token-
+    sequence field. Needs the history's item ids in the batch (model.build.batch_fields asks
+    the reader for them); no effect without model.use_sr or for the baselines."""
     use_st_intent: bool = True
     use_lt_intent: bool = True
     use_sr: bool = True
@@ -103,6 +131,11 @@ class ModelConfig:
             check_value(f"model.{key}", getattr(self, key), ge=0)
         for key in ("mlp", "deepfm_mlp", "din_attention_mlp"):
             check_each(f"model.{key}", getattr(self, key), ge=1)
+        for key, allowed in (("mlp_dropout", ("after", "before")),
+                             ("init", ("default", "xavier_normal"))):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"model.{key} must be one of {allowed}, got "
+                                  f"{getattr(self, key)!r}")
         if self.d_model % self.attn_heads:
             raise ConfigError(f"model.d_model ({self.d_model}) must be divisible by "
                               f"model.attn_heads ({self.attn_heads})")

@@ -7,12 +7,22 @@ import torch
 from torch import Tensor, nn
 
 
-def mlp(in_dim: int, hidden: tuple[int, ...], dropout: float, out_dim: int | None = 1
-        ) -> nn.Sequential:
-    """Linear-ReLU-Dropout blocks (+ a final linear to out_dim), Xavier-initialised."""
+def mlp(in_dim: int, hidden: tuple[int, ...], dropout: float, out_dim: int | None = 1,
+        dropout_at: str = "after") -> nn.Sequential:
+    """Hidden blocks (+ a final linear to out_dim, no dropout in front of it), Xavier-uniform
+    initialised with zero biases.
+
+    dropout_at = "after": Linear→ReLU→Dropout blocks (this project's default: no dropout on
+    the MLP's input). "before": Dropout→Linear→ReLU blocks, RecBole's MLPLayers as the
+    official GenCI release uses them: the first block drops the MLP's input itself."""
+    if dropout_at not in ("after", "before"):
+        raise ValueError(f"mlp dropout_at must be 'after' or 'before', got {dropout_at!r}")
     layers: list[nn.Module] = []
     for h in hidden:
-        layers += [nn.Linear(in_dim, h), nn.ReLU(), nn.Dropout(dropout)]
+        if dropout_at == "before":
+            layers += [nn.Dropout(dropout), nn.Linear(in_dim, h), nn.ReLU()]
+        else:
+            layers += [nn.Linear(in_dim, h), nn.ReLU(), nn.Dropout(dropout)]
         in_dim = h
     if out_dim is not None:
         layers.append(nn.Linear(in_dim, out_dim))
@@ -34,10 +44,11 @@ class DeepFM(nn.Module):
     """logit = w·concat(fields) + b + FM(fields) + DNN(concat(fields)). The first-order term
     is a linear map of the field embeddings (no separate width-1 tables)."""
 
-    def __init__(self, n_fields: int, dim: int, hidden: tuple[int, ...], dropout: float) -> None:
+    def __init__(self, n_fields: int, dim: int, hidden: tuple[int, ...], dropout: float,
+                 dropout_at: str = "after") -> None:
         super().__init__()
         self.linear = nn.Linear(n_fields * dim, 1)
-        self.dnn = mlp(n_fields * dim, hidden, dropout)
+        self.dnn = mlp(n_fields * dim, hidden, dropout, dropout_at=dropout_at)
 
     def forward(self, fields: Tensor) -> Tensor:
         flat = fields.flatten(1)
@@ -48,11 +59,11 @@ class DCNv2(nn.Module):
     """x_{l+1} = x_0 ⊙ (W_l x_l + b_l) + x_l (full-rank cross), parallel DNN, linear on both."""
 
     def __init__(self, n_fields: int, dim: int, layers: int, hidden: tuple[int, ...],
-                 dropout: float) -> None:
+                 dropout: float, dropout_at: str = "after") -> None:
         super().__init__()
         d = n_fields * dim
         self.cross = nn.ModuleList(nn.Linear(d, d) for _ in range(layers))
-        self.dnn = mlp(d, hidden, dropout, out_dim=None)
+        self.dnn = mlp(d, hidden, dropout, out_dim=None, dropout_at=dropout_at)
         self.out = nn.Linear(d + (hidden[-1] if hidden else d), 1)
 
     def forward(self, fields: Tensor) -> Tensor:

@@ -6,6 +6,8 @@
   (e_v of Eq. 9) and by one bag per cohort level (MEAN pooling = Eq. 7's exact member mean:
   the KJT holds only real members, no padding).
 - ``cohort_table``: for cohort_repr = "table", a learned table keyed by cohort id.
+- ``sr_history``: for model.sr_teacher_history, the width-e table ``t_sr_history`` read by the
+  history's item ids (MEAN pooling over the real items: the KJT holds no padding).
 
 Tables are declared from the manifest's cardinalities only; build them on device "meta" and
 DMP materialises (and initialises) the shards.
@@ -18,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
-from data_pipes.schema import FeatureSpec
+from data_pipes.schema import HISTORY_FEATURE, FeatureSpec
 
 
 class FeatureEmbeddings(nn.Module):
@@ -114,3 +116,20 @@ class IntentEmbeddings(nn.Module):
             lengths=(ids >= 0).long())
         kt = self.cohort_table(ckjt).to_dict()
         return e_v, torch.stack([kt[f"cohort_id_{i}"] for i in range(self.levels)], dim=1)
+
+
+class HistoryMeanEmbedding(nn.Module):
+    """Mean of the history's item-id embeddings, one [B, e] field for the SR teacher."""
+
+    def __init__(self, n_items: int, dim: int, device: torch.device) -> None:
+        super().__init__()
+        self.ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(
+            name="t_sr_history", embedding_dim=dim, num_embeddings=n_items,
+            feature_names=[HISTORY_FEATURE], pooling=PoolingType.MEAN)], device=device)
+
+    def forward(self, sequence_features: KeyedJaggedTensor) -> Tensor:
+        """The batch's history KJT → [B, e]; an empty history pools to zeros."""
+        if HISTORY_FEATURE not in sequence_features.keys():
+            raise ValueError("model.sr_teacher_history reads the history's item ids: build "
+                             "the loader with with_history_ids=True (model.build.batch_fields)")
+        return self.ebc(sequence_features)[HISTORY_FEATURE]

@@ -27,8 +27,14 @@ from data_pipes.schema import HISTORY_FEATURE, ITEM, FeatureSpec, TokenVocab
 from genci_dist.model.config import ModelConfig
 from genci_dist.model.generator import Generator, distinct_rows
 from genci_dist.model.heads import DCNv2, DeepFM, DINAttention, mlp
+from genci_dist.model.init import xavier_normal_dense_
 from genci_dist.model.intent import CohortIntent
-from genci_dist.model.sparse import FeatureEmbeddings, IntentEmbeddings, cap_members
+from genci_dist.model.sparse import (
+    FeatureEmbeddings,
+    HistoryMeanEmbedding,
+    IntentEmbeddings,
+    cap_members,
+)
 from genci_dist.tokenizer.cohorts import prefix_keys
 from genci_dist.tokenizer.trie import SemanticIdTrie
 
@@ -80,9 +86,16 @@ class GenCITask(nn.Module):
             rep += cfg.d_model
         n_u = sum(f.side == "user" for f in features)
         n_v = len(features) - n_u
-        self.mlp = mlp(rep + (n_u + n_v) * cfg.embedding_dim, cfg.mlp, cfg.dropout)
-        self.teacher = DeepFM(len(features), cfg.embedding_dim, cfg.deepfm_mlp,
-                              cfg.deepfm_dropout) if cfg.use_sr else None
+        self.mlp = mlp(rep + (n_u + n_v) * cfg.embedding_dim, cfg.mlp, cfg.dropout,
+                       dropout_at=cfg.mlp_dropout)
+        # model.sr_teacher_history: the teacher's fields + the mean-pooled history item ids
+        self.sr_history = HistoryMeanEmbedding(n_items, cfg.embedding_dim, device) if (
+            cfg.use_sr and cfg.sr_teacher_history) else None
+        self.teacher = DeepFM(len(features) + (self.sr_history is not None),
+                              cfg.embedding_dim, cfg.deepfm_mlp, cfg.deepfm_dropout,
+                              dropout_at=cfg.mlp_dropout) if cfg.use_sr else None
+        if cfg.init == "xavier_normal":
+            xavier_normal_dense_(self)
 
     def cohort_ids(self, codes: Tensor) -> Tensor:
         """Generated codes [B, N] → cohort ids [B, N] (-1 = no such cohort)."""
@@ -197,6 +210,9 @@ class GenCITask(nn.Module):
             parts["ntp"] = self.generator.ntp_loss(ntp_logits, batch.target_tokens, w)
             loss = loss + cfg.mu * parts["ntp"]
         if self.teacher is not None:
+            if self.sr_history is not None:
+                pooled = self.sr_history(batch.sequence_features)
+                fields = torch.cat([fields, pooled[:, None, :]], dim=1)
             t_logit = self.teacher(fields)
             soft = torch.sigmoid(t_logit.detach() if cfg.sr_detach_teacher else t_logit)
             parts["sr"] = _bce(logit, soft) + _bce(t_logit, y)
@@ -215,9 +231,11 @@ class BaselineTask(nn.Module):
         self.sparse = FeatureEmbeddings(features, e, device)
         n = len(features)
         if cfg.name == "deepfm":
-            self.head = DeepFM(n, e, cfg.deepfm_mlp, cfg.deepfm_dropout)
+            self.head = DeepFM(n, e, cfg.deepfm_mlp, cfg.deepfm_dropout,
+                               dropout_at=cfg.mlp_dropout)
         elif cfg.name == "dcnv2":
-            self.head = DCNv2(n, e, cfg.dcn_cross_layers, cfg.mlp, cfg.dropout)
+            self.head = DCNv2(n, e, cfg.dcn_cross_layers, cfg.mlp, cfg.dropout,
+                              dropout_at=cfg.mlp_dropout)
         elif cfg.name == "din":
             n_items = next(f.cardinality for f in features if f.name == ITEM)
             self.history = EmbeddingCollection(tables=[EmbeddingConfig(
@@ -225,9 +243,11 @@ class BaselineTask(nn.Module):
                 feature_names=[HISTORY_FEATURE])], device=device)
             self.attention = DINAttention(e, cfg.din_attention_mlp)
             self.item_index = [f.name for f in features].index(ITEM)
-            self.head = mlp((n + 1) * e, cfg.mlp, cfg.dropout)
+            self.head = mlp((n + 1) * e, cfg.mlp, cfg.dropout, dropout_at=cfg.mlp_dropout)
         else:
             raise ValueError(f"model.name {cfg.name!r} is not a baseline")
+        if cfg.init == "xavier_normal":
+            xavier_normal_dense_(self)
 
     def forward(self, batch: Batch) -> TaskOutput:
         fields, _, _ = self.sparse(batch.sparse_features)

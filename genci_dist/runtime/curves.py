@@ -24,7 +24,8 @@ def write_training_curves(history: list[dict[str, Any]], run_dir: Path) -> Path 
     axes[0].set_title("train loss (epoch mean)")
     axes[0].legend(fontsize=7)
     for ax, key in zip(axes[1:], ("auc", "logloss"), strict=True):
-        ax.plot(epochs, [h["valid"][key] for h in history], marker="o")
+        ax.plot(epochs, [h.get("valid", {}).get(key, float("nan")) for h in history],
+                marker="o")   # no valid entry: a run with train.eval_every_epoch = false
         ax.set_title(f"valid {key}")
     for ax in axes:
         ax.set_xlabel("epoch")

@@ -273,26 +273,29 @@ class Trainer:
             self.train_loader.dataset.set_epoch(self.epoch)
             self._epoch_t0 = time.perf_counter()
             finished = self._train_epoch()
-            valid = self.evaluate("valid")
+            # eval_every_epoch = false: no validation, so no early stopping and no best
+            # checkpoint (benchmarks, training slices of data too large to validate each time)
+            valid = self.evaluate("valid") if cfg.train.eval_every_epoch else None
             record = {"epoch": self.epoch, "step": self.step,
-                      "train": self._last_train, "valid": valid,
-                      "epoch_s": self._epoch_elapsed()}
+                      "train": self._last_train, "epoch_s": self._epoch_elapsed()}
+            if valid is not None:
+                record["valid"] = valid
             self.history.append(record)
             self._epoch_carry_s, self._epoch_t0 = 0.0, None  # the record holds it now
             self._epoch_sums, self._epoch_steps = {}, 0
-            self.tb.add("valid", valid, self.step)
-            improved = valid["auc"] > self.best_auc
-            if improved:
-                self.best_auc, self.best_epoch, self.bad_epochs = valid["auc"], self.epoch, 0
-            else:
-                self.bad_epochs += 1
-            if self.is_main:
-                print(f"[valid] epoch {self.epoch}: " + " ".join(
-                    f"{k} {v:.4f}" for k, v in valid.items()) +
-                    f" | best epoch {self.best_epoch}", flush=True)
+            if valid is not None:
+                self.tb.add("valid", valid, self.step)
+                if valid["auc"] > self.best_auc:
+                    self.best_auc, self.best_epoch, self.bad_epochs = valid["auc"], self.epoch, 0
+                else:
+                    self.bad_epochs += 1
+                if self.is_main:
+                    print(f"[valid] epoch {self.epoch}: " + " ".join(
+                        f"{k} {v:.4f}" for k, v in valid.items()) +
+                        f" | best epoch {self.best_epoch}", flush=True)
             if finished:  # stopped by max_steps mid-epoch: a resume continues this epoch
                 self.epoch += 1
-            self._save(metric=valid["auc"])
+            self._save(metric=None if valid is None else valid["auc"])
             if not finished:
                 break
         return self._finish(time.perf_counter() - t0)

@@ -79,14 +79,21 @@ def read_item_texts(dataset_dir: Path, n_items: int) -> list[str]:
     return texts
 
 
+def _utilisation(codes: np.ndarray, codebook_size: int | Sequence[int]) -> list[float]:
+    """Share of each level's codes used by some item (of K_n codes when sizes per level)."""
+    sizes = ([codebook_size] * codes.shape[1] if isinstance(codebook_size, int)
+             else list(codebook_size))
+    return [len(np.unique(codes[:, n])) / sizes[n] for n in range(codes.shape[1])]
+
+
 def quality_report(codes: np.ndarray, x: np.ndarray, x_hat: np.ndarray,
-                   codebook_size: int) -> dict[str, Any]:
+                   codebook_size: int | Sequence[int]) -> dict[str, Any]:
     """Reconstruction error, per-level utilisation, collision figures for codes [M, N]."""
     from genci_dist.tokenizer.semantic_ids import collision_stats
 
     err = ((x_hat - x) ** 2).sum()
     var = ((x - x.mean(0)) ** 2).sum()
-    util = [len(np.unique(codes[:, n])) / codebook_size for n in range(codes.shape[1])]
+    util = _utilisation(codes, codebook_size)
     # items whose text embedding equals another item's (duplicate texts) must collide
     _, inv, cnt = np.unique(x, axis=0, return_inverse=True, return_counts=True)
     return {"n_items": int(codes.shape[0]), "recon_mse": float(err / x.size),
@@ -100,7 +107,7 @@ def duplicate_rows(x: np.ndarray, batch_size: int = 65536) -> int:
     in batches: memory O(M) for the hashes instead of a sort of the whole array)."""
     import hashlib
 
-    from genci_dist.tokenizer.rqvae import _drop_pages
+    from genci_dist.tokenizer.embed import drop_pages
 
     keys = np.empty((x.shape[0], 2), dtype=np.uint64)
     for lo in range(0, x.shape[0], batch_size):
@@ -108,17 +115,18 @@ def duplicate_rows(x: np.ndarray, batch_size: int = 65536) -> int:
         for i, row in enumerate(xb):
             keys[lo + i] = np.frombuffer(hashlib.blake2b(row.tobytes(), digest_size=16).digest(),
                                          dtype=np.uint64)
-        _drop_pages(x)
+        drop_pages(x)
     _, inv, cnt = np.unique(keys, axis=0, return_inverse=True, return_counts=True)
     return int((cnt[inv.reshape(-1)] > 1).sum())
 
 
 def scaled_quality_report(codes: np.ndarray, sq_err: float, sq_dev: float, n_values: int,
-                          n_duplicates: int, codebook_size: int) -> dict[str, Any]:
+                          n_duplicates: int, codebook_size: int | Sequence[int]
+                          ) -> dict[str, Any]:
     """`quality_report` from batched sums (the sampled path never holds x̂ for all items)."""
     from genci_dist.tokenizer.semantic_ids import collision_stats
 
-    util = [len(np.unique(codes[:, n])) / codebook_size for n in range(codes.shape[1])]
+    util = _utilisation(codes, codebook_size)
     return {"n_items": int(codes.shape[0]), "recon_mse": float(sq_err / max(n_values, 1)),
             "recon_rel": float(sq_err / max(sq_dev, 1e-30)),
             "utilisation": [round(u, 4) for u in util], **collision_stats(codes),
@@ -162,13 +170,13 @@ def tokenize_dataset(dataset_dir: str | Path, cfg: TokenizerConfig,
         seconds_train = time.perf_counter() - t0
         codes = a.codes
         report = scaled_quality_report(codes, a.sq_err, a.sq_dev, a.n_values,
-                                       duplicate_rows(emb.vectors), cfg.codebook_size)
+                                       duplicate_rows(emb.vectors), cfg.level_sizes)
     else:
         x = torch.from_numpy(emb.vectors)
         codes_t, x_hat = model.tokenize(x)
         seconds_train = time.perf_counter() - t0
         codes = codes_t.numpy().astype(np.int32)
-        report = quality_report(codes, emb.vectors, x_hat.numpy(), cfg.codebook_size)
+        report = quality_report(codes, emb.vectors, x_hat.numpy(), cfg.level_sizes)
     report.update({"embedding_dim": int(emb.vectors.shape[1]), "embed_cached": emb.cached,
                    "seconds_embed": round(emb.seconds, 3), "seconds_train": round(seconds_train, 3),
                    "train_steps": stats.steps, "codes_reset": stats.codes_reset,

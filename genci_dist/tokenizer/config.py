@@ -38,7 +38,14 @@ class TokenizerConfig:
     levels: int = 3
     """N: residual quantisation levels (codes per item, before the collision digit)."""
     codebook_size: int = 256
-    """K: codes per level."""
+    """K: codes per level, and the token slots per level of the vocabulary."""
+    codebook_sizes: tuple[int, ...] = ()
+    """Per-level codebook sizes K_1..K_N, each in [2, codebook_size] (empty = every level K).
+    Level n draws its codes from [0, K_n) only: a smaller first level gives coarser level-1
+    cohorts (e.g. [64, 256, 256]: ~58 items per level-1 cohort on ML-1M's 3,706 items instead
+    of ~14). The token layout keeps codebook_size slots per level, so the token vocabulary,
+    trie widths and cohort ids are unchanged; codes a level never uses are never generated
+    (the trie allows only existing items' paths) and their cohorts stay empty."""
     hidden_dims: tuple[int, ...] = (512, 256, 128)
     """Encoder MLP widths (the decoder mirrors them)."""
     latent_dim: int = 32
@@ -85,10 +92,21 @@ class TokenizerConfig:
     cohorts). Larger cohorts keep a deterministic seeded sample; true sizes are kept too."""
     progress_bar: bool = True
 
+    @property
+    def level_sizes(self) -> tuple[int, ...]:
+        """K_n of every level: codebook_sizes, or codebook_size at every level."""
+        return self.codebook_sizes or (self.codebook_size,) * self.levels
+
     def __post_init__(self) -> None:
         checks = [
             (self.levels >= 1, "levels must be >= 1"),
             (self.codebook_size >= 2, "codebook_size must be >= 2"),
+            (not self.codebook_sizes or len(self.codebook_sizes) == self.levels,
+             f"codebook_sizes must be empty or give one size per level ({self.levels}), got "
+             f"{list(self.codebook_sizes)}"),
+            (all(2 <= k <= self.codebook_size for k in self.codebook_sizes),
+             f"codebook_sizes must each be in [2, codebook_size = {self.codebook_size}], got "
+             f"{list(self.codebook_sizes)}"),
             (self.latent_dim >= 1, "latent_dim must be >= 1"),
             (all(h >= 1 for h in self.hidden_dims), "hidden_dims must be positive"),
             (self.epochs >= 1, "epochs must be >= 1"),

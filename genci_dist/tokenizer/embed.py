@@ -140,6 +140,36 @@ def _encode(model_path: Path, texts: list[str], batch_size: int, progress: bool)
     return _encode_with(_load_model(model_path, progress), texts, batch_size, progress)
 
 
+def drop_pages(arr: np.ndarray) -> None:
+    """Releases the pages of a memory map already read or written back (they stay in the page
+    cache), so scanning or filling a large embedding file does not grow this process's RSS."""
+    mm = getattr(arr, "_mmap", None)
+    if mm is not None and hasattr(mm, "madvise"):
+        import mmap
+
+        try:
+            mm.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):
+            pass
+
+
+def take_rows(arr: np.ndarray, rows: np.ndarray, block: int = 65536) -> np.ndarray:
+    """arr[rows] (rows sorted) as a float32 copy, read block by block with the map's pages
+    released after each: a fancy index over a memory map faults pages in all over the file
+    (the kernel maps 64 KB around every fault), so a 10 % sample of a 3.8 GB map made the
+    process's RSS the whole file."""
+    out = np.empty((rows.size, arr.shape[1]), dtype=np.float32)
+    at = 0
+    for lo in range(0, arr.shape[0], block):
+        hi = min(arr.shape[0], lo + block)
+        j = int(np.searchsorted(rows, hi))
+        if j > at:
+            out[at:j] = np.asarray(arr[lo:hi], dtype=np.float32)[rows[at:j] - lo]
+            drop_pages(arr)
+            at = j
+    return out
+
+
 def _atomic_json(path: Path, meta: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(meta, indent=1))
@@ -218,6 +248,9 @@ def _embed_chunked(texts: list[str], model_path: Path, key: str, thash: str, cac
                                  f"(texts {lo}..{hi - 1})")
         mm[lo:hi] = vecs
         mm.flush()
+        # written back: its pages leave this process (they stay in the page cache), so RSS
+        # does not grow by the file's size (3.8 GB at 2.5M items) over the run
+        drop_pages(mm)
         state["done_chunks"] = c + 1
         _atomic_json(prog_file, state)
         bar.update(hi - lo)

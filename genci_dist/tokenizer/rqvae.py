@@ -19,7 +19,7 @@ Shapes: x [B, D_in] embeddings, z [B, D] latents, codebooks [N, K, D], codes [B,
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from genci_dist.tokenizer.config import TokenizerConfig
+from genci_dist.tokenizer.embed import drop_pages, take_rows
 
 _DIST_CHUNK = 2048
 
@@ -47,8 +48,10 @@ def nearest_code(r: Tensor, codebook: Tensor, exact: bool = True) -> Tensor:
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
-def residual_quantize(x: Tensor, codebooks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Eq. 3: z_n = argmin_k ||r_n - c^n_k||^2, r_{n+1} = r_n - c^n_{z_n}, r_1 = x.
+def residual_quantize(x: Tensor, codebooks: Tensor, sizes: Sequence[int] | None = None
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+    """Eq. 3: z_n = argmin_k ||r_n - c^n_k||^2, r_{n+1} = r_n - c^n_{z_n}, r_1 = x, with k
+    over the first sizes[n] codes of level n (all K when sizes is None).
 
     Returns codes [B, N] (long), quantized = sum_n c^n_{z_n} [B, D] and the residuals
     r_1..r_N entering each level [B, N, D]."""
@@ -56,8 +59,9 @@ def residual_quantize(x: Tensor, codebooks: Tensor) -> tuple[Tensor, Tensor, Ten
     codes, residuals = [], []
     quantized = torch.zeros_like(x)
     for n in range(codebooks.shape[0]):
-        z = nearest_code(r, codebooks[n])
-        q = codebooks[n][z]
+        cb = codebooks[n] if sizes is None else codebooks[n, :sizes[n]]
+        z = nearest_code(r, cb)
+        q = cb[z]
         codes.append(z)
         residuals.append(r)
         quantized = quantized + q
@@ -96,13 +100,20 @@ def _mlp(dims: list[int], dropout: float) -> nn.Sequential:
 
 
 class ResidualQuantizer(nn.Module):
-    """N codebooks of K codes of dimension D, trained by EMA or straight-through."""
+    """N codebooks of K codes of dimension D, trained by EMA or straight-through. With
+    `sizes`, level n uses only its first sizes[n] codes (the rest are never chosen, updated or
+    reset: TokenizerConfig.codebook_sizes)."""
 
     def __init__(self, levels: int, codebook_size: int, dim: int, *, beta: float = 0.25,
-                 mode: str = "ema", ema_decay: float = 0.95) -> None:
+                 mode: str = "ema", ema_decay: float = 0.95,
+                 sizes: Sequence[int] | None = None) -> None:
         super().__init__()
         if mode not in ("ema", "ste"):
             raise ValueError(f"quantizer mode must be 'ema' or 'ste', got {mode!r}")
+        self.sizes = list(sizes) if sizes is not None else [codebook_size] * levels
+        if len(self.sizes) != levels or not all(1 <= k <= codebook_size for k in self.sizes):
+            raise ValueError(f"sizes must give one size in [1, {codebook_size}] per level "
+                             f"({levels}), got {self.sizes}")
         self.levels, self.codebook_size, self.dim = levels, codebook_size, dim
         self.beta, self.mode, self.ema_decay = beta, mode, ema_decay
         self.codebooks = nn.Parameter(torch.randn(levels, codebook_size, dim) / math.sqrt(dim),
@@ -116,8 +127,8 @@ class ResidualQuantizer(nn.Module):
         """Codebook n ← k-means of the level-n residuals of all latents z [M, D]."""
         r = z.detach()
         for n in range(self.levels):
-            centres = kmeans(r, self.codebook_size, seed + n, iters).to(r.dtype)
-            self.codebooks.data[n] = centres
+            centres = kmeans(r, self.sizes[n], seed + n, iters).to(r.dtype)
+            self.codebooks.data[n, :self.sizes[n]] = centres
             r = r - centres[nearest_code(r, centres)]
         self.ema_sum.copy_(self.codebooks.data)
         self.ema_count.fill_(1.0)
@@ -130,7 +141,7 @@ class ResidualQuantizer(nn.Module):
         loss = z.new_zeros(())
         codes, residuals = [], []
         for n in range(self.levels):
-            cb = self.codebooks[n]
+            cb = self.codebooks[n, :self.sizes[n]]
             idx = nearest_code(r.detach(), cb.detach(), exact=not self.training)
             q = cb[idx]
             if self.mode == "ste":
@@ -148,15 +159,16 @@ class ResidualQuantizer(nn.Module):
 
     @torch.no_grad()
     def _ema_update(self, n: int, r: Tensor, idx: Tensor) -> None:
-        k, d = self.codebook_size, self.ema_decay
+        k, d = self.sizes[n], self.ema_decay
         counts = torch.bincount(idx, minlength=k).to(r.dtype)
         sums = torch.zeros(k, r.shape[1], dtype=r.dtype).index_add_(0, idx, r)
-        self.ema_count[n].mul_(d).add_(counts, alpha=1 - d)
-        self.ema_sum[n].mul_(d).add_(sums, alpha=1 - d)
-        total = self.ema_count[n].sum()
+        ema_count, ema_sum = self.ema_count[n, :k], self.ema_sum[n, :k]
+        ema_count.mul_(d).add_(counts, alpha=1 - d)
+        ema_sum.mul_(d).add_(sums, alpha=1 - d)
+        total = ema_count.sum()
         eps = 1e-5
-        smoothed = (self.ema_count[n] + eps) / (total + k * eps) * total
-        self.codebooks.data[n] = self.ema_sum[n] / smoothed.unsqueeze(1)
+        smoothed = (ema_count + eps) / (total + k * eps) * total
+        self.codebooks.data[n, :k] = ema_sum / smoothed.unsqueeze(1)
 
     @torch.no_grad()
     def reset_dead_codes(self, codes: Tensor, residuals: Tensor, threshold: int,
@@ -167,12 +179,13 @@ class ResidualQuantizer(nn.Module):
         n_reset = 0
         b = codes.shape[0]
         for n in range(self.levels):
-            used = torch.bincount(codes[:, n], minlength=self.codebook_size) > 0
-            self.steps_unused[n] += 1
-            self.steps_unused[n][used] = 0
+            k = self.sizes[n]
+            used = torch.bincount(codes[:, n], minlength=k) > 0
+            self.steps_unused[n, :k] += 1
+            self.steps_unused[n, :k][used] = 0
             if not allow_reset or threshold <= 0:
                 continue
-            dead = (self.steps_unused[n] >= threshold).nonzero().squeeze(1)
+            dead = (self.steps_unused[n, :k] >= threshold).nonzero().squeeze(1)
             if dead.numel() == 0:
                 continue
             if dead.numel() <= b:
@@ -198,7 +211,7 @@ class RQVAE(nn.Module):
         self.decoder = _mlp(dims[::-1], cfg.dropout)
         self.quantizer = ResidualQuantizer(cfg.levels, cfg.codebook_size, cfg.latent_dim,
                                            beta=cfg.beta, mode=cfg.quantizer,
-                                           ema_decay=cfg.ema_decay)
+                                           ema_decay=cfg.ema_decay, sizes=cfg.level_sizes)
         # Inputs are standardised (sentence embeddings are unit vectors with tiny coordinates).
         self.register_buffer("x_mean", torch.zeros(in_dim))
         self.register_buffer("x_scale", torch.ones(()))
@@ -227,7 +240,8 @@ class RQVAE(nn.Module):
         """Deterministic inference: codes [M, N] (Eq. 3 on the encoded x) and x̂ [M, D_in]."""
         was = self.training
         self.eval()
-        codes, quantized, _ = residual_quantize(self.encode(x), self.quantizer.codebooks.detach())
+        codes, quantized, _ = residual_quantize(self.encode(x), self.quantizer.codebooks.detach(),
+                                                self.quantizer.sizes)
         x_hat = self.decode(quantized)
         self.train(was)
         return codes, x_hat
@@ -323,7 +337,7 @@ def _train_sampled(embeddings: np.ndarray, cfg: TokenizerConfig, progress: bool,
 
     n = embeddings.shape[0]
     rows = sample_rows(n, cfg.train_sample, cfg.seed)
-    x = torch.from_numpy(np.ascontiguousarray(embeddings[rows], dtype=np.float32))
+    x = torch.from_numpy(take_rows(embeddings, rows))   # RSS: the sample, not the map
     model = RQVAE(x.shape[1], cfg)
     model.fit_normalisation(x)
     if cfg.kmeans_init:
@@ -367,19 +381,6 @@ class Assignment:
     n_values: int
 
 
-def _drop_pages(arr: np.ndarray) -> None:
-    """Releases the pages of a read-only memory map already read (they stay in the page
-    cache), so scanning a large embedding file does not grow this process's RSS."""
-    mm = getattr(arr, "_mmap", None)
-    if mm is not None and hasattr(mm, "madvise"):
-        import mmap
-
-        try:
-            mm.madvise(mmap.MADV_DONTNEED)
-        except (OSError, ValueError):
-            pass
-
-
 @torch.no_grad()
 def assign_codes(model: RQVAE, embeddings: np.ndarray, batch_size: int = 65536) -> Assignment:
     """Codes of every row of embeddings [M, D_in] (an array or memory map), batch by batch:
@@ -391,7 +392,7 @@ def assign_codes(model: RQVAE, embeddings: np.ndarray, batch_size: int = 65536) 
     total = np.zeros(d, dtype=np.float64)
     for lo in range(0, m, batch_size):
         total += np.asarray(embeddings[lo:lo + batch_size], dtype=np.float64).sum(0)
-        _drop_pages(embeddings)
+        drop_pages(embeddings)
     mean = total / max(m, 1)
     sq_err = sq_dev = 0.0
     for lo in range(0, m, batch_size):
@@ -400,6 +401,6 @@ def assign_codes(model: RQVAE, embeddings: np.ndarray, batch_size: int = 65536) 
         codes[lo:lo + len(xb)] = c.numpy()
         sq_err += float(((x_hat.double() - torch.from_numpy(xb).double()) ** 2).sum())
         sq_dev += float(((xb.astype(np.float64) - mean) ** 2).sum())
-        _drop_pages(embeddings)
+        drop_pages(embeddings)
     model.train(was)
     return Assignment(codes, sq_err, sq_dev, m * d)
