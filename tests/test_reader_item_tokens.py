@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipes.collate import build_item_tokens, load_item_tokens
+from data_pipes.item_tokens import build_item_tokens, load_item_tokens
 from data_pipes.schema import SEMANTIC_IDS
 from data_pipes.stream import StreamingSplit
 from tests.conftest import write_tiny_dataset
