@@ -22,18 +22,16 @@ Passes (pyarrow's streaming CSV reader and Parquet files; numpy for the protocol
 Row groups hold about `row_group_size` interactions (whole users); the manifest has the same
 schema, features and counts as `writer.write_dataset`'s, so the reader and
 `genci-prepare verify` work unchanged. `--split random` draws one permutation over all
-interactions, which is not per user: it is refused for P > 1.
+interactions, which is not per user: it is refused for P > 1. The steps run in one process
+(`prepare_partitioned`) or one per rank (data_pipes/partitioned_job.py, torchrun / TorchX).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import pickle
 import shutil
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +60,6 @@ from data_pipes.schema import (
     USER,
     USERS,
     DatasetError,
-    manifest_summary,
 )
 from data_pipes.sequence_writer import SequenceWriter, sequence_table
 from data_pipes.sources.recbole import (
@@ -343,7 +340,7 @@ def finish(work: Path, out_dir: Path, force: bool = False) -> dict[str, Any]:
     return manifest
 
 
-def _check_out(out_dir: Path, force: bool) -> None:
+def check_out(out_dir: Path, force: bool) -> None:
     """writer.staging's refusals, checked before the work starts."""
     if (out_dir / MANIFEST).exists() and not force:
         raise DatasetError(f"{out_dir}: a prepared dataset already exists (use --force)")
@@ -360,7 +357,7 @@ def prepare_partitioned(folder: Path, out_dir: Path, *, force: bool = False,
     this process: scan, every partition, finish (`options`: scan's keywords;
     `partitions` 0 = ceil(kept interactions / partition_rows)). Returns the manifest."""
     out_dir = Path(out_dir)
-    _check_out(out_dir, force)
+    check_out(out_dir, force)
     work = work_dir(out_dir)
     shutil.rmtree(work, ignore_errors=True)
     try:
@@ -370,112 +367,3 @@ def prepare_partitioned(folder: Path, out_dir: Path, *, force: bool = False,
         return finish(work, out_dir, force)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _parser() -> argparse.ArgumentParser:
-    """genci-prepare's options that the partitioned prepare reads (data_pipes/prepare.py
-    documents them; data_pipes.prepare imports this module, so no import back)."""
-    def rule(text: str) -> LabelRule:
-        try:
-            return LabelRule.parse(text)
-        except DatasetError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    def parts(text: str) -> int:
-        if text == "auto":
-            return 0
-        if not text.isdigit() or int(text) < 1:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected a count >= 1 or 'auto'")
-        return int(text)
-
-    p = argparse.ArgumentParser(prog="python -m data_pipes.partitioned",
-                                description="one rank of the distributed partitioned prepare")
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--source", default=None)
-    p.add_argument("--atomic-dir", default=None)
-    p.add_argument("--name", default=None)
-    p.add_argument("--label-rule", type=rule, default=None)
-    p.add_argument("--float-buckets", type=int, default=10)
-    p.add_argument("--split", default=None, choices=["temporal", "random", "leave_one_out"])
-    p.add_argument("--max-history", type=int, default=None)
-    p.add_argument("--row-group-size", type=int, default=8192)
-    p.add_argument("--shard-rows", type=int, default=1 << 18)
-    p.add_argument("--partitions", type=parts, default=0)
-    p.add_argument("--partition-rows", type=int, default=PARTITION_ROWS)
-    p.add_argument("--seed", type=int, default=2024)
-    p.add_argument("--force", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """One rank of the distributed partitioned prepare (genci-prepare's arguments; RANK and
-    WORLD_SIZE from torchrun / TorchX dist.ddp): rank 0 scans, every rank takes partitions
-    rank::world, rank 0 writes the manifest; ranks meet at gloo barriers and
-    share each step's outcome, so a bad input ends every rank with the same one-line error.
-    All ranks need the same filesystem (the work folder next to --out)."""
-    import os
-
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    dist = None
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.init_process_group("gloo")
-    generic = bool(args.atomic_dir)
-    out_dir, work = Path(args.out), work_dir(Path(args.out))
-    t0 = time.perf_counter()
-
-    def step(fn: Callable[[], Any]) -> Any:
-        """Runs `fn` and returns its value; raises every rank's first error on every rank."""
-        err, value = "", None
-        try:
-            value = fn()
-        except DatasetError as e:
-            err = str(e)
-        if dist is not None:
-            got: list[Any] = [None] * world
-            dist.all_gather_object(got, (err, value))
-            errs = [e for e, _ in got if e]
-            err = errs[0] if errs else ""
-            value = got[0][1]
-        if err:
-            raise DatasetError(err)
-        return value
-
-    def start() -> int:
-        if args.dataset != "recbole":
-            raise DatasetError(f"the partitioned prepare reads RecBole atomic files "
-                               f"(--dataset recbole), not --dataset {args.dataset}")
-        _check_out(out_dir, args.force)
-        shutil.rmtree(work, ignore_errors=True)
-        return scan(Path(args.atomic_dir if generic else args.source or ""), work,
-                    shape="generic" if generic else "ml", name=args.name if generic else None,
-                    rule=args.label_rule, partitions=args.partitions,
-                    partition_rows=args.partition_rows, split=args.split or "temporal",
-                    max_history=args.max_history or 50, seed=args.seed,
-                    row_group_size=args.row_group_size, shard_rows=args.shard_rows,
-                    float_buckets=args.float_buckets)
-
-    try:
-        p = step(lambda: start() if rank == 0 else None)
-        step(lambda: [run_partition(work, k) for k in range(rank, p, world)])
-        manifest = step(lambda: finish(work, out_dir, args.force) if rank == 0 else None)
-    except DatasetError as e:
-        if rank == 0:
-            shutil.rmtree(work, ignore_errors=True)
-            print(f"genci-prepare: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if dist is not None:
-            dist.destroy_process_group()
-    if rank == 0:
-        summary = manifest_summary(manifest, time.perf_counter() - t0, str(out_dir))
-        print(json.dumps({**summary, "ranks": world}, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

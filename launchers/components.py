@@ -89,8 +89,8 @@ def prepare(
     rdzv_port: int = 29500,
 ) -> specs.AppDef:
     """The partitioned, out-of-core genci-prepare on nnodes x nproc_per_node ranks
-    (data_pipes/partitioned.py): rank 0 scans the RecBole .inter, every rank takes partitions
-    and train buckets rank::world, rank 0 writes the manifest. All nodes must share the
+    (data_pipes/partitioned_job.py): rank 0 scans the RecBole .inter, every rank takes
+    partitions rank::world, rank 0 writes the manifest. All nodes must share the
     filesystem holding --out.
 
         torchx run launchers/components.py:prepare --nproc_per_node 2 -- --dataset recbole \\
@@ -107,7 +107,7 @@ def prepare(
     """
     return dist.ddp(
         *args,
-        m="data_pipes.partitioned",
+        m="data_pipes.partitioned_job",
         image=image,
         name="genci-prepare",
         cpu=cpu,

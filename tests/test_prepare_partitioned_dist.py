@@ -59,7 +59,7 @@ def test_torchrun_bad_input_one_line_on_every_rank(tmp_path: Path) -> None:
     (src / "mini.inter").write_text((src / "mini.inter").read_text() + "7\t3\t4\tlate\n")
     out = tmp_path / "out"
     r = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m",
-                        "data_pipes.partitioned", "--dataset", "recbole", "--source", str(src),
+                        "data_pipes.partitioned_job", "--dataset", "recbole", "--source", str(src),
                         "--partitions", "2", "--out", str(out), "--no-progress"],
                        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     line = (f"genci-prepare: error: {src / 'mini.inter'}: data row 41: field 'timestamp' = "
