@@ -58,6 +58,13 @@ def _list_parts(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray
     return offsets - offsets[0], values
 
 
+def ranges_index(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """The flat index of the ranges [starts[i], starts[i] + lens[i]) one after another (the
+    values of picked rows of an offsets/values list column, in row order)."""
+    ends = np.cumsum(lens)
+    return np.repeat(starts - (ends - lens), lens) + np.arange(int(ends[-1]) if lens.size else 0)
+
+
 def _np(col: pa.ChunkedArray) -> np.ndarray:
     return col.to_numpy() if col.num_chunks == 1 else col.combine_chunks().to_numpy()
 
@@ -302,11 +309,8 @@ def gather_batch(parts: list[tuple[Rows, np.ndarray]], row_ids: np.ndarray,
                 offsets, values = r.columns[fi]
                 starts = offsets[idx]
                 lens = offsets[idx + 1] - starts
-                ends = np.cumsum(lens)
-                # flat value index of every id of the picked rows, in row order
-                flat = np.repeat(starts - (ends - lens), lens) + np.arange(ends[-1] if b else 0)
                 lens_p.append(lens)
-                vals_p.append(values[flat])
+                vals_p.append(values[ranges_index(starts, lens)])
             lens, vals = np.concatenate(lens_p), np.concatenate(vals_p)
         blocks.append((lens, vals, 1))
         n_sp.append(int(vals.size))

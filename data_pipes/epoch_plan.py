@@ -95,7 +95,7 @@ class EpochPlan:
         # the plan's unit: a block of m consecutive groups of the epoch order
         self.blocks = [order[i:i + m] for i in range(0, len(groups), m)]
         sizes = np.array([sum(groups[g].rows for g in b) for b in self.blocks], dtype=np.int64)
-        self.starts = np.r_[0, np.cumsum(sizes)]          # sequence start of each ordered group
+        self.starts = np.r_[0, np.cumsum(sizes)]          # sequence start of each block
         lo, hi = n * rank // world_size, n * (rank + 1) // world_size
         steps = num_steps(n, world_size, batch_size, drop_last)
         self.steps = steps

@@ -27,7 +27,6 @@ from data_pipes.schema import LABELS, SEQ_ITEMS, SEQ_SPLITS, SEQUENCES, TIMESTAM
 COMPRESSION = "zstd"
 
 
-
 def list_column(offsets: np.ndarray, values: np.ndarray, vtype: pa.DataType) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)),
                                     pa.array(values, type=vtype))

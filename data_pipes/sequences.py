@@ -22,7 +22,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_pipes.collate import Rows, _valid_mask, check_ids, check_nulls, check_schema
+from data_pipes.collate import (
+    Rows,
+    _list_parts,
+    _valid_mask,
+    check_ids,
+    check_nulls,
+    check_schema,
+    ranges_index,
+)
 from data_pipes.protocol import SPLIT_CODES
 from data_pipes.schema import (
     ITEM,
@@ -102,13 +110,6 @@ def load_item_side(dataset_dir: str | Path, features: list[FeatureSpec]) -> Item
     return ItemSide(single, multi)
 
 
-def _list_col(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
-    arr = table.column(name).combine_chunks()
-    offsets = arr.offsets.to_numpy().astype(np.int64)
-    values = arr.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]]
-    return offsets - offsets[0], values
-
-
 @dataclass
 class Cut:
     """The samples of one split in one sequence row group, in (row, position) order."""
@@ -131,18 +132,18 @@ def cut_samples(table: pa.Table, split: int, max_history: int, features: list[Fe
     cols = sequence_columns(features, timestamps=TIMESTAMPS in table.column_names)
     check_schema(table.schema, cols, where)
     check_nulls(table, list(cols), where)
-    offsets, items = _list_col(table, SEQ_ITEMS)
+    offsets, items = _list_parts(table.column(SEQ_ITEMS))
     lens = np.diff(offsets)
     for name in (LABELS, SEQ_SPLITS, TIMESTAMPS):
         if name not in table.column_names:
             continue
-        other = np.diff(_list_col(table, name)[0])
+        other = np.diff(_list_parts(table.column(name))[0])
         if (other != lens).any():
             row = int(np.flatnonzero(other != lens)[0])
             raise DatasetError(f"{where(row)}: field {name!r} has {int(other[row])} values, "
                                f"{SEQ_ITEMS!r} has {int(lens[row])}")
-    labels = _list_col(table, LABELS)[1].astype(np.int64)
-    codes = _list_col(table, SEQ_SPLITS)[1].astype(np.int64)
+    labels = _list_parts(table.column(LABELS))[1].astype(np.int64)
+    codes = _list_parts(table.column(SEQ_SPLITS))[1].astype(np.int64)
     row_of = np.repeat(np.arange(lens.size), lens)
     for name, vals, ok in ((LABELS, labels, (labels == 0) | (labels == 1)),
                            (SEQ_SPLITS, codes, (codes >= 0) & (codes <= 2))):
@@ -161,7 +162,7 @@ def cut_samples(table: pa.Table, split: int, max_history: int, features: list[Fe
             check_ids(USER, users, f.cardinality, where)
         elif f.side == "user":
             if f.multi:
-                off, vals = _list_col(table, f.name)
+                off, vals = _list_parts(table.column(f.name))
                 check_ids(f.name, vals, f.cardinality, where, np.diff(off))
             else:
                 check_ids(f.name, table.column(f.name).to_numpy(), f.cardinality, where)
@@ -180,7 +181,14 @@ def expand_rows(table: pa.Table, split: int, features: list[FeatureSpec], items:
     group: user-side features from the row, item-side ones from `items`. Errors name the
     sequence row (`where(row)`); the returned Rows name a sample by its row and position."""
     item_card = next((f.cardinality for f in features if f.name == ITEM), None)
-    c = cut_samples(table, split, max_history, features, where, item_card)
+    return rows_of_cut(table, cut_samples(table, split, max_history, features, where, item_card),
+                       features, items, where, token_rows, dense_history)
+
+
+def rows_of_cut(table: pa.Table, c: Cut, features: list[FeatureSpec], items: ItemSide,
+                where: Callable[[int | None], str], token_rows: int | None = None,
+                dense_history: bool = True) -> Rows:
+    """`expand_rows` for samples already cut out of `table`."""
     if token_rows is not None and c.item.size and c.item.max() >= token_rows:
         bad = int(np.flatnonzero(c.item >= token_rows)[0])
         raise DatasetError(f"{where(int(c.seq_row[bad]))}: field {SEQ_ITEMS!r} has item id "
@@ -193,14 +201,13 @@ def expand_rows(table: pa.Table, split: int, features: list[FeatureSpec], items:
     for f in features:
         if f.multi:
             if f.side == "user":
-                off, vals = _list_col(table, f.name)    # ids checked by cut_samples
+                off, vals = _list_parts(table.column(f.name))    # ids checked by cut_samples
                 ids = c.seq_row
             else:
                 off, vals = items.multi[f.name]
                 ids = c.item
             starts, lens = off[ids], off[ids + 1] - off[ids]
-            flat = np.repeat(starts - (np.cumsum(lens) - lens), lens) + np.arange(lens.sum())
-            v = vals[flat]
+            v = vals[ranges_index(starts, lens)]
             keep = v != 0
             if not keep.all():
                 lens = np.bincount(np.repeat(np.arange(n), lens)[keep], minlength=n)
@@ -220,9 +227,7 @@ def expand_rows(table: pa.Table, split: int, features: list[FeatureSpec], items:
     if dense_history:
         width = max(int(c.hist_len.max(initial=0)), 1)
         mask = np.take(_valid_mask(width), c.hist_len, axis=0)   # row-major = history order
-        ends = np.cumsum(c.hist_len)
-        flat = np.repeat(c.hist_start - (ends - c.hist_len), c.hist_len) + np.arange(
-            int(ends[-1]) if n else 0)
+        flat = ranges_index(c.hist_start, c.hist_len)
         hist = np.zeros((n, width), dtype=np.int32)
         hist[mask] = c.pos_items[flat]
     stacked = np.empty((n, len(scalars)), dtype=np.int64)
@@ -368,6 +373,7 @@ def read_split_samples(dataset_dir: str | Path, split: str,
     mh = mh if max_history is None else min(mh, max_history)
     items = load_item_side(dataset_dir, features)
     code = SPLIT_CODES[split]
+    item_card = next((f.cardinality for f in features if f.name == ITEM), None)
     parts: list[tuple[Rows, np.ndarray, np.ndarray]] = []
     for rel in sorted(r for r in manifest["files"] if r.startswith(f"{SEQUENCES}/")):
         path = dataset_dir / rel
@@ -375,9 +381,9 @@ def read_split_samples(dataset_dir: str | Path, split: str,
         for g in range(pf.metadata.num_row_groups):
             table = pf.read_row_group(g)
             where = group_where(path, g)
-            rows = expand_rows(table, code, features, items, where, mh)
-            c = cut_samples(table, code, mh, features, where)
-            ts = _list_col(table, TIMESTAMPS)[1][c.flat].astype(np.int64)
+            c = cut_samples(table, code, mh, features, where, item_card)
+            rows = rows_of_cut(table, c, features, items, where)
+            ts = _list_parts(table.column(TIMESTAMPS))[1][c.flat].astype(np.int64)
             parts.append((rows, ts, c.position))
     if not parts:
         raise DatasetError(f"{dataset_dir / SEQUENCES}: no sequence shards")
@@ -397,8 +403,8 @@ def read_split_samples(dataset_dir: str | Path, split: str,
         else:
             o, v = col
             lens = np.diff(o)[order]
-            flat = np.repeat(o[order] - (np.cumsum(lens) - lens), lens) + np.arange(lens.sum())
-            feats[f.name] = (np.r_[0, np.cumsum(lens)].astype(np.int64), v[flat])
+            feats[f.name] = (np.r_[0, np.cumsum(lens)].astype(np.int64),
+                             v[ranges_index(o[order], lens)])
     return SplitSamples(user[order], rows.scalars[order, 1], rows.scalars[order, 2], ts[order],
                         offsets, hist.astype(np.int32), np.arange(n, dtype=np.int64)[order],
                         feats)

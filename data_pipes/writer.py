@@ -33,7 +33,7 @@ from data_pipes.schema import (
     DatasetError,
     FeatureSpec,
 )
-from data_pipes.sequence_writer import SequenceWriter, sequence_table
+from data_pipes.sequence_writer import SequenceWriter, list_column, sequence_table
 
 
 @dataclass
@@ -49,8 +49,8 @@ class SideTable:
 
 
 def list_array(offsets: np.ndarray, values: np.ndarray) -> pa.ListArray:
-    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)),
-                                    pa.array(values.astype(np.int32), type=pa.int32()))
+    """A list<int32> column (side-table multi-valued features)."""
+    return list_column(offsets, values.astype(np.int32), pa.int32())
 
 
 def sha256_file(path: Path) -> str:
