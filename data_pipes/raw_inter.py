@@ -187,10 +187,13 @@ RAW_USERS, RAW_ITEMS = 57_440, 24_588   # s = 1: the synthetic source's Amazon-I
 
 
 def write_raw_synthetic(path: Path, scale: float, seed: int = 0,
-                        chunk_users: int = 200_000) -> int:
+                        chunk_users: int = 200_000, repeat: int = 1) -> int:
     """A RecBole `.inter` (user_id, item_id, rating 1..5, timestamp) of about 9.2 · 57,440 · s
     interactions, written in chunks of users (memory O(chunk)); item popularity ∝ rank^-1.3
     via inverse CDF, user ids shuffled in the file so the dense mapping has work to do.
+    repeat = r > 1: each chunk's interactions r times, copy c shifted c · (its last timestamp)
+    later, so users and items stay those of `repeat = 1` and interactions grow r-fold (what
+    shows that a stage's memory follows interactions or vocabularies).
     Returns the number of rows. Only a size model for the benchmark: no quality claims."""
     n_users = max(1, round(RAW_USERS * scale))
     n_items = max(2, round(RAW_ITEMS * scale))
@@ -214,9 +217,11 @@ def write_raw_synthetic(path: Path, scale: float, seed: int = 0,
             item = item_of_rank[np.searchsorted(cdf, r.random(n), side="right").clip(
                 max=n_items - 1)]
             ts = 1_000_000 + np.cumsum(r.integers(1, 5000, size=n))
-            table = pa.table({"u": u, "i": item, "r": r.integers(1, 6, size=n), "t": ts})
-            pacsv.write_csv(table, f, write_options=opts)
-            rows += n
+            rating = r.integers(1, 6, size=n)
+            for c in range(max(1, repeat)):
+                table = pa.table({"u": u, "i": item, "r": rating, "t": ts + c * int(ts[-1])})
+                pacsv.write_csv(table, f, write_options=opts)
+                rows += n
     tmp.rename(path)
     return rows
 

@@ -69,7 +69,42 @@ def test_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert "--scales must be > 0" in capsys.readouterr().err
     assert main(["--scales", "1,x", "--out", str(tmp_path / "c")]) == 2
     assert "is not a comma list" in capsys.readouterr().err
+    assert main(["--repeat", "1,0", "--out", str(tmp_path / "d")]) == 2
+    assert "--repeat '1,0' is not a comma list of integers >= 1" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert not (tmp_path / "d").exists()
+
+
+def test_repeated_raw_interactions_keep_users_and_items(tmp_path: Path) -> None:
+    """repeat = 3: every interaction of repeat = 1 three times, copy c shifted by c times its
+    chunk's last timestamp, same users and items; each user's sequence stays time-ordered."""
+    import pyarrow.csv as pacsv
+
+    from data_pipes.raw_inter import write_raw_synthetic
+
+    def read(path: Path):
+        t = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter="\t"))
+        return [t.column(k).to_numpy() for k in range(4)]
+
+    n1 = write_raw_synthetic(tmp_path / "a" / "x.inter", 0.02, seed=5, chunk_users=300)
+    n3 = write_raw_synthetic(tmp_path / "b" / "x.inter", 0.02, seed=5, chunk_users=300,
+                             repeat=3)
+    assert n3 == 3 * n1
+    u1, i1, r1, t1 = read(tmp_path / "a" / "x.inter")
+    u3, i3, r3, t3 = read(tmp_path / "b" / "x.inter")
+    assert u1.size == n1 and u3.size == n3
+    assert set(u3.tolist()) == set(u1.tolist()) and set(i3.tolist()) == set(i1.tolist())
+    # the first chunk = the rows of the first 300 users to appear (rows are grouped by user)
+    starts = np.sort(np.unique(u1, return_index=True)[1])
+    assert starts.size > 300
+    chunk = int(starts[300])
+    shift = int(t1[chunk - 1])
+    for c in range(3):
+        sl = slice(c * chunk, (c + 1) * chunk)
+        assert (u3[sl] == u1[:chunk]).all() and (i3[sl] == i1[:chunk]).all()
+        assert (r3[sl] == r1[:chunk]).all() and (t3[sl] == t1[:chunk] + c * shift).all()
+    for user in np.unique(u3)[:20]:
+        assert (np.diff(t3[u3 == user]) > 0).all()
 
 
 def test_genci_bench_scale_subcommand_dispatches(capsys) -> None:

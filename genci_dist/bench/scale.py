@@ -43,6 +43,11 @@ Stages (STAGES: name → the child command; add one by adding an entry):
     evaluate  genci-evaluate of the train stage's checkpoint on --eval-split under torchrun:
               rows, AUC / LogLoss / GAUC, seconds, each rank's peak RSS
 
+--repeat 1,2,4 runs the prepare stages once per factor r on raw data whose every user's
+interactions are repeated r times (same users and items, r-fold interactions; lines carry
+"repeat"): peak RSS flat in r means memory bounded by the partition size and the
+vocabularies, not by the interactions. Other stages run once, at r = 1.
+
 --clean deletes each scale's dataset after its last stage (s = 200 takes 2.7 GB of disk).
 """
 
@@ -80,21 +85,22 @@ def read_command(out: Path, scale: float, opts: argparse.Namespace) -> list[str]
             str(dataset_dir(out, scale)), "--batch-size", str(opts.batch_size)]
 
 
-def raw_inter(out: Path, scale: float, seed: int) -> Path:
-    """OUT/raw-s<s>/synth.inter: raw synthetic interactions (data_pipes.partitioned.
-    write_raw_synthetic), written once by the benchmark's own process, outside the measure."""
+def raw_inter(out: Path, scale: float, seed: int, repeat: int = 1) -> Path:
+    """OUT/raw-s<s>[-x<r>]/synth.inter: raw synthetic interactions (data_pipes.raw_inter.
+    write_raw_synthetic, each user's repeated r times), written once by the benchmark's own
+    process, outside the measure."""
     from data_pipes.raw_inter import write_raw_synthetic
 
-    path = out / f"raw-s{scale:g}" / "synth.inter"
+    path = out / (f"raw-s{scale:g}" + (f"-x{repeat}" if repeat > 1 else "")) / "synth.inter"
     if not path.is_file():
-        write_raw_synthetic(path, scale, seed)
+        write_raw_synthetic(path, scale, seed, repeat=repeat)
     return path
 
 
 def prepare_command(out: Path, scale: float, opts: argparse.Namespace,
                     partitions: str = "auto") -> list[str]:
     return [sys.executable, "-m", "data_pipes.prepare", "--dataset", "recbole",
-            "--atomic-dir", str(raw_inter(out, scale, opts.seed).parent),
+            "--atomic-dir", str(raw_inter(out, scale, opts.seed, opts.repeat).parent),
             "--label-rule", "drop-band:3-3", "--partitions", partitions,
             "--out", str(dataset_dir(out, scale)), "--force", "--no-progress",
             "--seed", str(opts.seed)]
@@ -233,6 +239,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--train-steps", type=int, default=100, help="train: steps (a slice)")
     p.add_argument("--world-size", type=int, default=2, help="train/evaluate: ranks")
     p.add_argument("--eval-split", default="train", help="evaluate: split")
+    p.add_argument("--repeat", default="1",
+                   help="prepare stages: comma list of interaction repeat factors (module doc)")
     p.add_argument("--clean", action="store_true",
                    help="delete each scale's dataset after its stages")
     p.add_argument("--child-read", default=None, help=argparse.SUPPRESS)
@@ -259,15 +267,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not scales or min(scales) <= 0:
         print("genci-bench scale: error: --scales must be > 0", file=sys.stderr)
         return 2
+    try:
+        repeats = [int(r) for r in args.repeat.split(",") if r]
+    except ValueError:
+        repeats = []
+    if not repeats or min(repeats) < 1:
+        print(f"genci-bench scale: error: --repeat {args.repeat!r} is not a comma list of "
+              "integers >= 1", file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lines: dict[str, list[dict[str, Any]]] = {s: [] for s in stages}
     for scale in scales:
         data = dataset_dir(out, scale)
         for stage in stages:
-            line = run_stage(stage, STAGES[stage](out, scale, args), data, scale)
-            lines[stage].append(line)
-            print(json.dumps(line), flush=True)
+            for r in repeats if stage.startswith("prepare") else [1]:
+                args.repeat = r
+                line = run_stage(stage, STAGES[stage](out, scale, args), data, scale)
+                if len(repeats) > 1:
+                    line["repeat"] = r
+                lines[stage].append(line)
+                print(json.dumps(line), flush=True)
         if args.clean:
             shutil.rmtree(data, ignore_errors=True)
     for stage, got in lines.items():
