@@ -176,19 +176,23 @@ def cut_samples(table: pa.Table, split: int, max_history: int, features: list[Fe
 
 def expand_rows(table: pa.Table, split: int, features: list[FeatureSpec], items: ItemSide,
                 where: Callable[[int | None], str], max_history: int,
-                token_rows: int | None = None, dense_history: bool = True) -> Rows:
+                token_rows: int | None = None, history: str = "dense") -> Rows:
     """The `Rows` (data_pipes.collate) of split code `split`'s samples in one sequence row
     group: user-side features from the row, item-side ones from `items`. Errors name the
     sequence row (`where(row)`); the returned Rows name a sample by its row and position."""
     item_card = next((f.cardinality for f in features if f.name == ITEM), None)
     return rows_of_cut(table, cut_samples(table, split, max_history, features, where, item_card),
-                       features, items, where, token_rows, dense_history)
+                       features, items, where, token_rows, history)
 
 
 def rows_of_cut(table: pa.Table, c: Cut, features: list[FeatureSpec], items: ItemSide,
                 where: Callable[[int | None], str], token_rows: int | None = None,
-                dense_history: bool = True) -> Rows:
-    """`expand_rows` for samples already cut out of `table`."""
+                history: str = "dense") -> Rows:
+    """`expand_rows` for samples already cut out of `table`. `history`: "dense" = the
+    [n, W] matrix `Rows.hist`, "flat" = `Rows.hist_flat` (the cut's positives as they are:
+    what the reader uses), "none" = neither (batches without history ids or tokens)."""
+    if history not in ("dense", "flat", "none"):
+        raise ValueError(f"history={history!r}, expected 'dense', 'flat' or 'none'")
     if token_rows is not None and c.item.size and c.item.max() >= token_rows:
         bad = int(np.flatnonzero(c.item >= token_rows)[0])
         raise DatasetError(f"{where(int(c.seq_row[bad]))}: field {SEQ_ITEMS!r} has item id "
@@ -224,7 +228,7 @@ def rows_of_cut(table: pa.Table, c: Cut, features: list[FeatureSpec], items: Ite
             columns.append(len(scalars))
             scalars.append(vals)
     hist = None
-    if dense_history:
+    if history == "dense":
         width = max(int(c.hist_len.max(initial=0)), 1)
         mask = np.take(_valid_mask(width), c.hist_len, axis=0)   # row-major = history order
         flat = ranges_index(c.hist_start, c.hist_len)
@@ -240,7 +244,8 @@ def rows_of_cut(table: pa.Table, c: Cut, features: list[FeatureSpec], items: Ite
             return where(None)
         return f"{where(int(seq_row[row]))[:-1]}, position {int(position[row])})"
 
-    return Rows(sample_where, stacked, columns, no_missing, hist, c.hist_len, token_rows)
+    return Rows(sample_where, stacked, columns, no_missing, hist, c.hist_len, token_rows,
+                (c.hist_start, c.pos_items) if history == "flat" else None)
 
 
 def concat_rows(parts: list[Rows]) -> Rows:
@@ -269,6 +274,15 @@ def concat_rows(parts: list[Rows]) -> Rows:
             h = r.hist
             hist[lo:lo + h.shape[0], :h.shape[1]] = h  # type: ignore[union-attr]
             lo += h.shape[0]  # type: ignore[union-attr]
+    flat = None
+    if all(r.hist_flat is not None for r in parts):
+        starts, items, base = [], [], 0
+        for r in parts:
+            s, v = r.hist_flat  # type: ignore[misc]
+            starts.append(s + base)
+            items.append(v)
+            base += v.size
+        flat = (np.concatenate(starts), np.concatenate(items))
     wheres = [r.where for r in parts]
 
     def where(row: int | None) -> str:
@@ -279,7 +293,7 @@ def concat_rows(parts: list[Rows]) -> Rows:
 
     return Rows(where, np.concatenate([r.scalars for r in parts]), columns,
                 all(r.no_missing for r in parts), hist,
-                np.concatenate([r.hist_len for r in parts]), parts[0].token_rows)
+                np.concatenate([r.hist_len for r in parts]), parts[0].token_rows, flat)
 
 
 def manifest_max_history(manifest: dict[str, Any], path: Path) -> int:
