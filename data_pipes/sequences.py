@@ -134,25 +134,25 @@ def cut_samples(table: pa.Table, split: int, max_history: int, features: list[Fe
     check_nulls(table, list(cols), where)
     offsets, items = _list_parts(table.column(SEQ_ITEMS))
     lens = np.diff(offsets)
+    vals: dict[str, np.ndarray] = {}
     for name in (LABELS, SEQ_SPLITS, TIMESTAMPS):
         if name not in table.column_names:
             continue
-        other = np.diff(_list_parts(table.column(name))[0])
-        if (other != lens).any():
+        other, vals[name] = _list_parts(table.column(name))
+        if not np.array_equal(other, offsets):      # same offsets = same list lengths
+            other = np.diff(other)
             row = int(np.flatnonzero(other != lens)[0])
             raise DatasetError(f"{where(row)}: field {name!r} has {int(other[row])} values, "
                                f"{SEQ_ITEMS!r} has {int(lens[row])}")
-    labels = _list_parts(table.column(LABELS))[1].astype(np.int64)
-    codes = _list_parts(table.column(SEQ_SPLITS))[1].astype(np.int64)
+    # Checked and used as stored (int8 in our shards): no int64 copy of every position.
+    labels, codes = vals[LABELS], vals[SEQ_SPLITS]
     row_of = np.repeat(np.arange(lens.size), lens)
-    for name, vals, ok in ((LABELS, labels, (labels == 0) | (labels == 1)),
-                           (SEQ_SPLITS, codes, (codes >= 0) & (codes <= 2))):
-        if not ok.all():
-            bad = int(np.flatnonzero(~ok)[0])
+    for name, v, hi in ((LABELS, labels, 1), (SEQ_SPLITS, codes, 2)):
+        if v.size and (v.min() < 0 or v.max() > hi):
+            bad = int(np.flatnonzero((v < 0) | (v > hi))[0])
             raise DatasetError(f"{where(int(row_of[bad]))}: field {name!r} has "
-                               f"{int(vals[bad])} at position {bad - int(offsets[row_of[bad]])}"
+                               f"{int(v[bad])} at position {bad - int(offsets[row_of[bad]])}"
                                f", expected {'0 or 1' if name == LABELS else '0, 1 or 2'}")
-    items = items.astype(np.int64)
     if item_card is not None:
         check_ids(SEQ_ITEMS, items, item_card, where, lens)
     users = table.column(USER).to_numpy().astype(np.int64) if table.num_rows else \
@@ -166,12 +166,14 @@ def cut_samples(table: pa.Table, split: int, max_history: int, features: list[Fe
                 check_ids(f.name, vals, f.cardinality, where, np.diff(off))
             else:
                 check_ids(f.name, table.column(f.name).to_numpy(), f.cardinality, where)
-    before = np.cumsum(labels) - labels                  # positives before, in the group
-    p = before - np.repeat(before[offsets[:-1]] if lens.size else before[:0], lens)
+    before = np.cumsum(labels, dtype=np.int64) - labels  # positives before, in the group
     sel = np.flatnonzero(codes == split)
-    hist_len = np.minimum(p[sel], max_history)
-    return Cut(row_of[sel], sel - offsets[row_of[sel]], users[row_of[sel]], items[sel],
-               labels[sel], hist_len, before[sel] - hist_len, items[labels == 1], sel)
+    rows, first = row_of[sel], offsets[row_of[sel]]      # a sample's row, its row's start
+    before_sel = before[sel]
+    hist_len = np.minimum(before_sel - before[first], max_history)
+    return Cut(rows, sel - first, users[rows], items[sel].astype(np.int64),
+               labels[sel].astype(np.int64), hist_len, before_sel - hist_len,
+               items[labels == 1], sel)
 
 
 def expand_rows(table: pa.Table, split: int, features: list[FeatureSpec], items: ItemSide,
