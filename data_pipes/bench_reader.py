@@ -49,6 +49,32 @@ of schema 1's). A scan of the sequence files now reads 5-17x fewer bytes, so the
 `--shuffle-block` 1 / 4 / 16 on synthetic s = 1: 2.02 / 3.08 / 2.90 M samples/s (one run
 each: mixing users across groups costs no measurable speed).
 
+Flat histories (2026-12-05, 432c389 against debac69; data_pipes/collate.py, `Rows.hist_flat`):
+a block keeps its cut positives with a start and a length per sample instead of a dense
+[n, W] matrix (W = the block's longest history, 50 at s = 1 where most hold 0-3 items), and
+a batch gathers only its histories' items, then writes ids and tokens at their cells. CPU s
+per train epoch, workers 0, no read-ahead, best of 5, three interleaved rounds, ranges over
+the rounds (schema 1 = the per-sample layout on the same data / before / after), shared
+machine:
+  synthetic s = 1  genci  0.052-0.058 / 0.071-0.109 / 0.062-0.077
+                   din    0.054-0.058 / 0.072-0.089 / 0.058-0.068
+                   fields 0.038-0.042 / 0.047-0.053 / 0.046-0.055
+                   full   0.060-0.065 / 0.084-0.100 / 0.066-0.069
+  ML-100K          genci  0.024-0.025 / 0.021-0.025 / 0.019-0.025
+                   din    0.025-0.030 / 0.021-0.025 / 0.019-0.022
+                   fields 0.019-0.020 / 0.012-0.013 / 0.012-0.013
+                   full   0.026-0.029 / 0.026-0.030 / 0.024-0.027
+On ML-100K (histories of 30-43 items) the flat gather is as fast as the dense one and the
+reader is as fast as schema 1 or faster (one round of full: 0.027 vs 0.026). At s = 1 the layouts with histories are 1.15-1.45x
+faster than before but still 0-38 % behind schema 1 per round (fields, which reads no
+history, 15-45 %): the rest is the sequence read (three ZSTD list columns of every split;
+re-encoded as Snappy, a plain read of the files took 0.010 instead of 0.015 CPU s) and the
+cut, not the histories. This bench's genci line with read-ahead (`--workers 0 --repeats 3
+--layouts genci --read-ahead true`, two interleaved runs each): 3.48 / 3.87 M samples/s
+before, 5.09 / 4.57 M after; strictest-scan ratio 0.18 / 0.18 before, 0.26 / 0.24 after.
+Not kept: one `read_row_groups` call per block instead of a read per group (no measurable
+gain), a leaner `_alloc` (torch views via `.numpy()`: 20.7 vs 17.7 us per batch).
+
 Design choices behind those figures (data_pipes/stream.py; 2026-12-04, 437b533 and 39140dc):
 - The read-ahead thread only reads Parquet. Arrow reads without holding the GIL, so the read
   overlaps the gathering thread. Decoding on the read-ahead thread too was slower: moving

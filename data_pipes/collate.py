@@ -171,6 +171,11 @@ class Rows:
     #                            W = longest kept history; None if not decoded (dense=False)
     hist_len: np.ndarray       # [n] int64 (after max_history)
     token_rows: int | None     # item ids were checked to index a token table this long
+    # The histories as (start [n] int64, items): row k's history is
+    # items[start[k]:start[k] + hist_len[k]], oldest first (the "flat" layout of the sequence
+    # reader, instead of `hist`: no [n, W] matrix to build per block, and a batch gathers
+    # only the items of its own histories); None when `hist` (or nothing) holds them.
+    hist_flat: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def decode_rows(table: pa.Table, features: list[FeatureSpec], where: Where,
@@ -336,28 +341,29 @@ def gather_batch(parts: list[tuple[Rows, np.ndarray]], row_ids: np.ndarray,
     label_v[...] = scalars[:, 2]
     row_v[...] = row_ids
 
-    # History ids [B, width] in the decoded dtype (int32 for any real id range): whole stored
-    # rows (a row memcpy each), cut to this batch's width; rows are left-aligned, so every
-    # position past a row's length is already 0. Only when the batch or the token lookup
-    # needs them.
-    if (with_history_ids or item_tokens is not None) and any(r.hist is None for r, _ in parts):
-        raise ValueError("these rows were decoded without their dense history "
-                         "(decode_rows(dense_history=False))")
-    ids = (_history_ids(parts, b, width)
-           if with_history_ids or item_tokens is not None else None)
+    # History items in history order (= the sequence KJT values) and their cells in the
+    # row-major [B, width] output (row i's first h_len[i]): O(items of the batch's histories).
+    if with_history_ids or item_tokens is not None:
+        if any(r.hist is None and r.hist_flat is None for r, _ in parts):
+            raise ValueError("these rows were decoded without their dense history "
+                             "(decode_rows(dense_history=False))")
+        items = _history_items(parts, h_len)
+        pos = ranges_index(np.arange(0, b * width, width), h_len)
     if with_history_ids:
-        hist[...] = ids
-        # Sequence KJT values: the non-padding positions, row-major = history order (a
-        # boolean index and a copy beat np.compress into the storage).
-        seq_v[...] = ids[np.take(_valid_mask(width), h_len, axis=0)]
+        seq_v[...] = items
+        hist[...] = 0
+        hist.reshape(-1)[pos] = items
 
     if item_tokens is not None:
         # One fixed-size record per item (its T tokens), so the lookup is a 1-D gather of
-        # records (several times faster than gathering rows of a 2-D table); item 0 → zeros.
+        # records (several times faster than gathering rows of a 2-D table); a padding cell
+        # holds item 0's record, as the dense lookup of id 0 gives.
         table = np.ascontiguousarray(item_tokens, dtype=TOKEN_DTYPE)
         rec = _record_dtype(table.itemsize * n_tok)
         records = table.view(rec).reshape(-1)
-        np.take(records, ids, out=hist_tok.view(rec), mode="clip")
+        tok = hist_tok.view(rec)
+        tok[...] = records[0]
+        tok.reshape(-1)[pos] = np.take(records, items, mode="clip")
         np.take(records, item_v, out=tgt_tok.view(rec)[:, 0], mode="clip")
 
     # The KJT constructor given the per-key sizes numpy already knows = from_lengths_sync
@@ -391,22 +397,19 @@ def build_batch(table: pa.Table, features: list[FeatureSpec], row_ids: np.ndarra
                         item_tokens, pad_history_to, with_history_ids)
 
 
-def _history_ids(parts: list[tuple[Rows, np.ndarray]], b: int, width: int) -> np.ndarray:
-    """[b, width] history ids of the picked rows, in the decoded tables' dtype."""
-    if len(parts) == 1 and parts[0][0].hist.shape[1] == width:
-        return np.take(parts[0][0].hist, parts[0][1], axis=0)
-    out = np.empty((b, width), dtype=np.result_type(*(r.hist for r, _ in parts)))
-    r0 = 0
+def _history_items(parts: list[tuple[Rows, np.ndarray]], h_len: np.ndarray) -> np.ndarray:
+    """The picked rows' history items one after another (`h_len` = their lengths, in order):
+    from a flat layout a ranges gather, from a dense one its rows' first h_len cells."""
+    out, lo = [], 0
     for r, idx in parts:
-        r1 = r0 + idx.size
-        if r.hist.shape[1] == width:
-            np.take(r.hist, idx, axis=0, out=out[r0:r1], mode="clip")
-        else:           # narrower (length bucketing) or wider (pad_history_to) than stored
-            w = min(width, r.hist.shape[1])
-            out[r0:r1, :w] = r.hist[idx, :w]
-            out[r0:r1, w:] = 0
-        r0 = r1
-    return out
+        lens = h_len[lo:lo + idx.size]
+        lo += idx.size
+        if r.hist_flat is not None:
+            start, items = r.hist_flat
+            out.append(items[ranges_index(start[idx], lens)])
+        else:   # left-aligned: a row's items are its first h_len cells
+            out.append(r.hist[idx][np.take(_valid_mask(r.hist.shape[1]), lens, axis=0)])
+    return out[0] if len(out) == 1 else np.concatenate(out)
 
 
 @functools.lru_cache(maxsize=8)

@@ -134,25 +134,25 @@ def cut_samples(table: pa.Table, split: int, max_history: int, features: list[Fe
     check_nulls(table, list(cols), where)
     offsets, items = _list_parts(table.column(SEQ_ITEMS))
     lens = np.diff(offsets)
+    vals: dict[str, np.ndarray] = {}
     for name in (LABELS, SEQ_SPLITS, TIMESTAMPS):
         if name not in table.column_names:
             continue
-        other = np.diff(_list_parts(table.column(name))[0])
-        if (other != lens).any():
+        other, vals[name] = _list_parts(table.column(name))
+        if not np.array_equal(other, offsets):      # same offsets = same list lengths
+            other = np.diff(other)
             row = int(np.flatnonzero(other != lens)[0])
             raise DatasetError(f"{where(row)}: field {name!r} has {int(other[row])} values, "
                                f"{SEQ_ITEMS!r} has {int(lens[row])}")
-    labels = _list_parts(table.column(LABELS))[1].astype(np.int64)
-    codes = _list_parts(table.column(SEQ_SPLITS))[1].astype(np.int64)
+    # Checked and used as stored (int8 in our shards): no int64 copy of every position.
+    labels, codes = vals[LABELS], vals[SEQ_SPLITS]
     row_of = np.repeat(np.arange(lens.size), lens)
-    for name, vals, ok in ((LABELS, labels, (labels == 0) | (labels == 1)),
-                           (SEQ_SPLITS, codes, (codes >= 0) & (codes <= 2))):
-        if not ok.all():
-            bad = int(np.flatnonzero(~ok)[0])
+    for name, v, hi in ((LABELS, labels, 1), (SEQ_SPLITS, codes, 2)):
+        if v.size and (v.min() < 0 or v.max() > hi):
+            bad = int(np.flatnonzero((v < 0) | (v > hi))[0])
             raise DatasetError(f"{where(int(row_of[bad]))}: field {name!r} has "
-                               f"{int(vals[bad])} at position {bad - int(offsets[row_of[bad]])}"
+                               f"{int(v[bad])} at position {bad - int(offsets[row_of[bad]])}"
                                f", expected {'0 or 1' if name == LABELS else '0, 1 or 2'}")
-    items = items.astype(np.int64)
     if item_card is not None:
         check_ids(SEQ_ITEMS, items, item_card, where, lens)
     users = table.column(USER).to_numpy().astype(np.int64) if table.num_rows else \
@@ -166,29 +166,35 @@ def cut_samples(table: pa.Table, split: int, max_history: int, features: list[Fe
                 check_ids(f.name, vals, f.cardinality, where, np.diff(off))
             else:
                 check_ids(f.name, table.column(f.name).to_numpy(), f.cardinality, where)
-    before = np.cumsum(labels) - labels                  # positives before, in the group
-    p = before - np.repeat(before[offsets[:-1]] if lens.size else before[:0], lens)
+    before = np.cumsum(labels, dtype=np.int64) - labels  # positives before, in the group
     sel = np.flatnonzero(codes == split)
-    hist_len = np.minimum(p[sel], max_history)
-    return Cut(row_of[sel], sel - offsets[row_of[sel]], users[row_of[sel]], items[sel],
-               labels[sel], hist_len, before[sel] - hist_len, items[labels == 1], sel)
+    rows, first = row_of[sel], offsets[row_of[sel]]      # a sample's row, its row's start
+    before_sel = before[sel]
+    hist_len = np.minimum(before_sel - before[first], max_history)
+    return Cut(rows, sel - first, users[rows], items[sel].astype(np.int64),
+               labels[sel].astype(np.int64), hist_len, before_sel - hist_len,
+               items[labels == 1], sel)
 
 
 def expand_rows(table: pa.Table, split: int, features: list[FeatureSpec], items: ItemSide,
                 where: Callable[[int | None], str], max_history: int,
-                token_rows: int | None = None, dense_history: bool = True) -> Rows:
+                token_rows: int | None = None, history: str = "dense") -> Rows:
     """The `Rows` (data_pipes.collate) of split code `split`'s samples in one sequence row
     group: user-side features from the row, item-side ones from `items`. Errors name the
     sequence row (`where(row)`); the returned Rows name a sample by its row and position."""
     item_card = next((f.cardinality for f in features if f.name == ITEM), None)
     return rows_of_cut(table, cut_samples(table, split, max_history, features, where, item_card),
-                       features, items, where, token_rows, dense_history)
+                       features, items, where, token_rows, history)
 
 
 def rows_of_cut(table: pa.Table, c: Cut, features: list[FeatureSpec], items: ItemSide,
                 where: Callable[[int | None], str], token_rows: int | None = None,
-                dense_history: bool = True) -> Rows:
-    """`expand_rows` for samples already cut out of `table`."""
+                history: str = "dense") -> Rows:
+    """`expand_rows` for samples already cut out of `table`. `history`: "dense" = the
+    [n, W] matrix `Rows.hist`, "flat" = `Rows.hist_flat` (the cut's positives as they are:
+    what the reader uses), "none" = neither (batches without history ids or tokens)."""
+    if history not in ("dense", "flat", "none"):
+        raise ValueError(f"history={history!r}, expected 'dense', 'flat' or 'none'")
     if token_rows is not None and c.item.size and c.item.max() >= token_rows:
         bad = int(np.flatnonzero(c.item >= token_rows)[0])
         raise DatasetError(f"{where(int(c.seq_row[bad]))}: field {SEQ_ITEMS!r} has item id "
@@ -224,7 +230,7 @@ def rows_of_cut(table: pa.Table, c: Cut, features: list[FeatureSpec], items: Ite
             columns.append(len(scalars))
             scalars.append(vals)
     hist = None
-    if dense_history:
+    if history == "dense":
         width = max(int(c.hist_len.max(initial=0)), 1)
         mask = np.take(_valid_mask(width), c.hist_len, axis=0)   # row-major = history order
         flat = ranges_index(c.hist_start, c.hist_len)
@@ -240,7 +246,8 @@ def rows_of_cut(table: pa.Table, c: Cut, features: list[FeatureSpec], items: Ite
             return where(None)
         return f"{where(int(seq_row[row]))[:-1]}, position {int(position[row])})"
 
-    return Rows(sample_where, stacked, columns, no_missing, hist, c.hist_len, token_rows)
+    return Rows(sample_where, stacked, columns, no_missing, hist, c.hist_len, token_rows,
+                (c.hist_start, c.pos_items) if history == "flat" else None)
 
 
 def concat_rows(parts: list[Rows]) -> Rows:
@@ -269,6 +276,15 @@ def concat_rows(parts: list[Rows]) -> Rows:
             h = r.hist
             hist[lo:lo + h.shape[0], :h.shape[1]] = h  # type: ignore[union-attr]
             lo += h.shape[0]  # type: ignore[union-attr]
+    flat = None
+    if all(r.hist_flat is not None for r in parts):
+        starts, items, base = [], [], 0
+        for r in parts:
+            s, v = r.hist_flat  # type: ignore[misc]
+            starts.append(s + base)
+            items.append(v)
+            base += v.size
+        flat = (np.concatenate(starts), np.concatenate(items))
     wheres = [r.where for r in parts]
 
     def where(row: int | None) -> str:
@@ -279,7 +295,7 @@ def concat_rows(parts: list[Rows]) -> Rows:
 
     return Rows(where, np.concatenate([r.scalars for r in parts]), columns,
                 all(r.no_missing for r in parts), hist,
-                np.concatenate([r.hist_len for r in parts]), parts[0].token_rows)
+                np.concatenate([r.hist_len for r in parts]), parts[0].token_rows, flat)
 
 
 def manifest_max_history(manifest: dict[str, Any], path: Path) -> int:

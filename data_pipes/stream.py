@@ -236,8 +236,8 @@ class StreamingSplit(IterableDataset):
             rows = expand_rows(table, code, self.features, self.item_side, where,
                                self.history_cap,
                                None if self.item_tokens is None else self.item_tokens.shape[0],
-                               dense_history=self.with_history_ids
-                               or self.item_tokens is not None)
+                               history="flat" if self.with_history_ids
+                               or self.item_tokens is not None else "none")
             if rows.scalars.shape[0] != sum(g.rows for g in gs):
                 raise DatasetError(f"{where(None)}: {rows.scalars.shape[0]} {self.split} "
                                    f"samples, the manifest says {sum(g.rows for g in gs)}")
