@@ -346,7 +346,8 @@ def gather_batch(parts: list[tuple[Rows, np.ndarray]], row_ids: np.ndarray,
     if with_history_ids or item_tokens is not None:
         if any(r.hist is None and r.hist_flat is None for r, _ in parts):
             raise ValueError("these rows were decoded without their dense history "
-                             "(decode_rows(dense_history=False))")
+                             "(decode_rows(dense_history=False), or rows_of_cut(history="
+                             "'none'))")
         items = _history_items(parts, h_len)
         pos = ranges_index(np.arange(0, b * width, width), h_len)
     if with_history_ids:

@@ -398,7 +398,7 @@ def read_split_samples(dataset_dir: str | Path, split: str,
             table = pf.read_row_group(g)
             where = group_where(path, g)
             c = cut_samples(table, code, mh, features, where, item_card)
-            rows = rows_of_cut(table, c, features, items, where)
+            rows = rows_of_cut(table, c, features, items, where, history="flat")
             ts = _list_parts(table.column(TIMESTAMPS))[1][c.flat].astype(np.int64)
             parts.append((rows, ts, c.position))
     if not parts:
@@ -410,8 +410,9 @@ def read_split_samples(dataset_dir: str | Path, split: str,
     order = np.lexsort((np.concatenate([p[2] for p in parts]), user))
     h_len = rows.hist_len[order]
     offsets = np.r_[0, np.cumsum(h_len)].astype(np.int64)
-    assert rows.hist is not None
-    hist = rows.hist[order][np.take(_valid_mask(rows.hist.shape[1]), h_len, axis=0)]
+    assert rows.hist_flat is not None
+    start, pos_items = rows.hist_flat
+    hist = pos_items[ranges_index(start[order], h_len)]
     feats: dict[str, np.ndarray | tuple[np.ndarray, np.ndarray]] = {}
     for f, col in zip(features, rows.columns, strict=True):
         if isinstance(col, int):

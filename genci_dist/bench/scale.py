@@ -282,8 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = dataset_dir(out, scale)
         for stage in stages:
             for r in repeats if stage.startswith("prepare") else [1]:
-                args.repeat = r
-                line = run_stage(stage, STAGES[stage](out, scale, args), data, scale)
+                opts = argparse.Namespace(**{**vars(args), "repeat": r})  # this run's factor
+                line = run_stage(stage, STAGES[stage](out, scale, opts), data, scale)
                 if len(repeats) > 1:
                     line["repeat"] = r
                 lines[stage].append(line)
