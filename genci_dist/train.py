@@ -22,6 +22,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (torchx --script genci_dist/train.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import genci_dist  # noqa: E402, F401  (its data_pipes import sets the OpenMP wait policy early)
+
 
 def _strip_self(args: list[str]) -> list[str]:
     """`torchx run dist.ddp -j 2x8 genci_dist/train.py` passes the script path as the first

@@ -206,8 +206,8 @@ class pin_threads:  # noqa: N801 - used as a context manager
     """Caps every thread pool of the run at n (0 = the affinity mask): OMP/MKL/OpenBLAS env
     for libraries not loaded yet, torch.set_num_threads / set_num_interop_threads, and
     threadpoolctl for BLAS/OpenMP runtimes already loaded (numpy's, scikit-learn's). One
-    compute thread per usable core: more threads than cores is what made epochs swing 80x
-    when another process shared the machine."""
+    compute thread per usable core. (What made runs swing 80x on a shared machine was
+    libgomp's spin-waiting, not the thread count: see data_pipes/omp.py.)"""
 
     def __init__(self, n: int = 0) -> None:
         self.n = n if n > 0 else affinity_cpus()
