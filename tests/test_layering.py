@@ -26,7 +26,9 @@ PACKAGES = ("genci_dist", "data_pipes")
 
 LAYERS: list[tuple[str, ...]] = [
     ("data_pipes",),
-    ("genci_dist.config_loader", "genci_dist.errors"),
+    # the package root only sets the OpenMP default (via data_pipes); matched exactly, so a
+    # new genci_dist module still has to be given a layer
+    ("genci_dist.config_loader", "genci_dist.errors", "=genci_dist"),
     ("genci_dist.tokenizer",),
     ("genci_dist.model",),
     ("genci_dist.runtime", "genci_dist.config"),
@@ -73,6 +75,10 @@ def _layer(module: str) -> int:
     best, rank = -1, -1
     for i, prefixes in enumerate(LAYERS):
         for p in prefixes:
+            if p.startswith("="):
+                if module == p[1:]:
+                    return i
+                continue
             if (module == p or module.startswith(p + ".")) and len(p) > best:
                 best, rank = len(p), i
     if rank < 0:
