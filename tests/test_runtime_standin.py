@@ -318,8 +318,55 @@ def test_bad_sharding_requests_fail_with_a_clear_message() -> None:
         ShardingConfig(tables={"t_user": "diagonal"})
     with pytest.raises(ValueError, match=r"'adam'.*CPU kernels fuse only"):
         fused_params(ShardingConfig(sparse_optimizer="adam"))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"sharding.default_type = 'data_parallel'.*t_hist.*"
+                                         r"pools each bag on cpu"):
+        build_constraints(model, ShardingConfig(default_type="data_parallel"))
+    assert build_constraints(model, ShardingConfig(default_type="data_parallel"),
+                             "cuda")["t_hist"].sharding_types == ["data_parallel"]
     ok = build_constraints(model, ShardingConfig(default_type="table_row_wise",
                                                  tables={"t_hist": "row_wise"}))
     assert {t: c.sharding_types for t, c in ok.items()} == {
         "t_user": ["table_row_wise"], "t_item": ["table_row_wise"],
         "t_cat": ["table_row_wise"], "t_hist": ["row_wise"]}
+
+
+_DP_EC = """
+import os, torch, torch.distributed as dist
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
+dist.init_process_group("gloo", rank=0, world_size=1)
+from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+class Sharder(EmbeddingCollectionSharder):
+    def sharding_types(self, device_type):
+        return ["data_parallel"]
+ec = EmbeddingCollection(tables=[EmbeddingConfig(name="t", embedding_dim=4, num_embeddings=10,
+                                                 feature_names=["f"])], device=torch.device("meta"))
+planner = EmbeddingShardingPlanner(topology=Topology(world_size=1, compute_device="cpu"),
+    constraints={"t": ParameterConstraints(sharding_types=["data_parallel"],
+                                           compute_kernels=["dense"])})
+plan = planner.collective_plan(ec, [Sharder()], dist.GroupMember.WORLD)
+dmp = DistributedModelParallel(ec, device=torch.device("cpu"), plan=plan, sharders=[Sharder()])
+kjt = KeyedJaggedTensor.from_lengths_sync(keys=["f"], values=torch.tensor([1, 2, 3, 4, 5, 6]),
+                                          lengths=torch.tensor([3, 1, 2]))
+try:
+    print("rows", dmp(kjt)["f"].values().shape[0])
+except RuntimeError as e:
+    print("error", str(e).splitlines()[0])
+"""
+
+
+def test_data_parallel_embedding_collection_still_pools_on_cpu() -> None:
+    """Why sharding.ec_types leaves data_parallel out on CPU: a data_parallel EC looked up with
+    6 ids in 3 bags gives 3 rows (one per bag) instead of 6, and TorchRec's split fails. When
+    a TorchRec/fbgemm upgrade fixes the kernel this test fails: let EC tables be
+    data_parallel on CPU again."""
+    import subprocess
+    import sys
+
+    got = subprocess.run([sys.executable, "-c", _DP_EC], capture_output=True, text=True,
+                         env={**os.environ, "PORT": str(_free_port())}, timeout=300)
+    last = got.stdout.strip().splitlines()[-1] if got.stdout.strip() else got.stderr[-2000:]
+    assert last.startswith("error split_with_sizes expects split_sizes to sum exactly to 3"), \
+        last

@@ -83,9 +83,18 @@ class _AllTypesEBCSharder(EmbeddingBagCollectionSharder):
 _EC_TYPES = ("table_wise", "row_wise", "column_wise", "data_parallel")
 
 
+def ec_types(device_type: str) -> tuple[str, ...]:
+    """The EmbeddingCollection sharding types that work on `device_type`. On CPU, not
+    data_parallel: its kernel, fbgemm's dense TBE, pools each bag on CPU whatever the
+    PoolingMode.NONE TorchRec asks for, so the lookup returns one row per bag instead of one
+    per id (TorchRec then fails in split_with_sizes; tests/test_runtime_standin.py checks
+    that this still holds)."""
+    return tuple(t for t in _EC_TYPES if not (t == "data_parallel" and device_type == "cpu"))
+
+
 class _AllTypesECSharder(EmbeddingCollectionSharder):
     def sharding_types(self, compute_device_type: str) -> list[str]:
-        return [_TYPES[t].value for t in _EC_TYPES]
+        return [_TYPES[t].value for t in ec_types(compute_device_type)]
 
 
 def fused_params(cfg: ShardingConfig) -> dict[str, Any]:
@@ -138,7 +147,8 @@ def keep_sharding_types(cfg: ShardingConfig, saved: dict[str, str], model: torch
     return replace(cfg, tables={**cfg.tables, **pinned}), pinned
 
 
-def build_constraints(model: torch.nn.Module, cfg: ShardingConfig) -> dict[str, Any]:
+def build_constraints(model: torch.nn.Module, cfg: ShardingConfig, device_type: str = "cpu"
+                      ) -> dict[str, Any]:
     """ParameterConstraints pinning each table to its configured sharding type."""
     out = {}
     sequence = set(table_names(model, sequence_only=True))
@@ -160,6 +170,13 @@ def build_constraints(model: torch.nn.Module, cfg: ShardingConfig) -> dict[str, 
             raise ValueError(f"{where} = {kind!r}: table {name!r} belongs to an "
                              f"EmbeddingCollection, which TorchRec shards only as "
                              f"{list(_EC_TYPES)}; set sharding.tables.{name} to one of them")
+        if name in sequence and kind not in ec_types(device_type):
+            where = (f"sharding.tables.{name}" if name in cfg.tables
+                     else "sharding.default_type")
+            raise ValueError(f"{where} = {kind!r}: table {name!r} belongs to an "
+                             f"EmbeddingCollection, whose data_parallel lookup pools each bag "
+                             f"on {device_type} (fbgemm's dense kernel); set "
+                             f"sharding.tables.{name} to one of {list(ec_types(device_type))}")
         kernel = "dense" if kind == "data_parallel" else "fused"
         out[name] = ParameterConstraints(sharding_types=[_TYPES[kind].value],
                                          compute_kernels=[kernel],
@@ -213,7 +230,7 @@ def build_planner(model: torch.nn.Module, cfg: ShardingConfig, topology: Topolog
     """The planner the trainer uses, on any topology (the trainer's real one, or a simulated
     cluster's in `genci_dist.bench.projection`): the config's per-table constraints, and a
     storage estimate that counts the fused optimizer's state."""
-    constraints = build_constraints(model, cfg)
+    constraints = build_constraints(model, cfg, topology.compute_device)
     enumerator = EmbeddingEnumerator(
         topology=topology, batch_size=BATCH_SIZE, constraints=constraints,
         estimator=[EmbeddingPerfEstimator(topology=topology, constraints=constraints),
