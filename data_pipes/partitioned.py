@@ -289,7 +289,8 @@ def run_partition(work: Path, k: int, tick: Callable[[int], None] = lambda n: No
         del x
         kept, label = apply_label_rule(inter, st.rule)
         samples = build_samples(kept, label, split=st.split,  # type: ignore[arg-type]
-                                max_history=st.max_history, seed=st.seed)
+                                max_history=st.max_history, seed=st.seed,
+                                histories=False)
         del inter, kept, label
         counts = split_counts(samples)
         writer = SequenceWriter(work / "out", st.row_group_size, st.shard_rows,

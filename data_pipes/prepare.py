@@ -172,7 +172,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         (inter, user, item), source = _movielens(args)
         split, max_hist = args.split or "temporal", args.max_history or 50
     kept, label = apply_label_rule(inter, rule)
-    samples = build_samples(kept, label, split=split, max_history=max_hist, seed=args.seed)
+    samples = build_samples(kept, label, split=split, max_history=max_hist, seed=args.seed,
+                            histories=False)
     protocol = {"label_rule": rule.describe(),
                 "ordering": "per user by (timestamp, dense item id = sorted raw id)",
                 "split": split, "max_history": max_hist, "seed": args.seed,

@@ -153,11 +153,17 @@ def five_core(user: np.ndarray, item: np.ndarray, k: int = 5) -> np.ndarray:
 
 
 def build_samples(x: Interactions, label: np.ndarray, *, split: Literal["temporal", "random",
-                  "leave_one_out"], max_history: int, seed: int = 0) -> Samples:
+                  "leave_one_out"], max_history: int, seed: int = 0,
+                  histories: bool = True) -> Samples:
     """Orders per user by (timestamp, item id), assigns splits, builds histories.
 
     history(sample at position t of user u) = the items of u's positives at positions < t,
     the most recent `max_history` of them, oldest first (may be empty).
+
+    histories=False keeps `hist_offsets` (the lengths, for the manifest's counts) but leaves
+    `hist_values` empty: the writers store sequences, from which the reader cuts histories,
+    and the values cost rows x mean history length x 20 bytes (int64 gather + int32 copy),
+    which would make a partition's memory grow with its users' sequence lengths.
     """
     n = x.user.shape[0]
     if n == 0:
@@ -191,12 +197,15 @@ def build_samples(x: Interactions, label: np.ndarray, *, split: Literal["tempora
     user_base = np.repeat(before[starts], counts)            # positives before the user's 1st row
     p = before - user_base
     lengths = np.minimum(p, max_history)
-    pos_items = item[lab == 1]                               # all positives, in sorted order
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    first = user_base + p - lengths                          # index into pos_items
-    gather = np.repeat(first - offsets[:-1], lengths) + np.arange(offsets[-1])
-    hist = pos_items[gather].astype(np.int32)
+    if histories:
+        pos_items = item[lab == 1]                           # all positives, in sorted order
+        first = user_base + p - lengths                      # index into pos_items
+        gather = np.repeat(first - offsets[:-1], lengths) + np.arange(offsets[-1])
+        hist = pos_items[gather].astype(np.int32)
+    else:
+        hist = np.zeros(0, dtype=np.int32)
     return Samples(user.astype(np.int32), item.astype(np.int32), lab.astype(np.int8),
                    ts.astype(np.int64), sp.astype(np.int8), offsets, hist)
 

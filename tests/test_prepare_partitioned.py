@@ -192,3 +192,35 @@ def test_arrow_vocab_is_dense_ids(ids: list[str], monkeypatch: pytest.MonkeyPatc
     assert vocab.dtype.kind == want.dtype.kind and vocab.tolist() == want.tolist()
     dense = partitioned._to_dense(pa.array(raw), value_set)
     assert dense.tolist() == dense_ids(np.asarray(raw, dtype=object))[0].tolist()
+
+
+def test_csv_blocks_are_joined_into_batches(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """pyarrow's CSV reader reads small blocks (its read-ahead queue holds 32 of them) and
+    read_batches joins them into batches of at least block_bytes: the same rows and values
+    in file order; a malformed row in a later block is still named by the rows before it."""
+    from data_pipes import raw_inter
+
+    src = ml_folder(tmp_path / "raw")
+    spec = raw_inter.inter_spec(src / "mini.inter", "ml", None, lambda m: None)
+    whole = list(raw_inter.read_batches(spec, 1 << 20))
+    assert len(whole) == 1 and len(whole[0].value) == 600
+    monkeypatch.setattr(raw_inter, "CSV_BLOCK_BYTES", 64)
+    joined = list(raw_inter.read_batches(spec, 2000))
+    assert len(joined) > 2
+    assert all(pa_nbytes(b) >= 2000 for b in joined[:-1])
+    for field in ("user", "item"):
+        got = [v for b in joined for v in getattr(b, field).to_pylist()]
+        assert got == getattr(whole[0], field).to_pylist()
+    assert np.concatenate([b.ts for b in joined]).tolist() == whole[0].ts.tolist()
+    lines = (src / "mini.inter").read_text().splitlines()
+    lines.insert(401, "7\t3\t4")                               # data row 401: three fields
+    (src / "mini.inter").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DatasetError, match=r"after data row (\d+): malformed row") as e:
+        list(raw_inter.read_batches(spec, 2000))
+    before = int(e.value.args[0].split("after data row ")[1].split(":")[0])
+    assert 300 < before <= 400
+
+
+def pa_nbytes(b) -> int:  # noqa: ANN001
+    return b.user.nbytes + b.item.nbytes + b.value.nbytes + b.ts.nbytes

@@ -70,6 +70,18 @@ def test_history_holds_only_earlier_positives_everywhere() -> None:
         assert _hist(s, i) == s.item[earlier_pos][-7:].tolist()
 
 
+@pytest.mark.parametrize("split", ["temporal", "leave_one_out", "random"])
+def test_without_history_values_everything_else_is_identical(split: str) -> None:
+    """The writers' histories=False: same rows, splits and history lengths (the manifest's
+    counts), no values. Lengths by hand: user 1 [0, 0, 1, 2, 2], user 2 [0, 1, 2 x 8]."""
+    kept, label = apply_label_rule(_case())
+    full = build_samples(kept, label, split=split, max_history=2, seed=5)
+    lean = build_samples(kept, label, split=split, max_history=2, seed=5, histories=False)
+    for f in ("user", "item", "label", "timestamp", "split", "hist_offsets"):
+        assert getattr(lean, f).tolist() == getattr(full, f).tolist(), f
+    assert full.hist_values.size == 5 + 17 and lean.hist_values.size == 0
+
+
 def test_leave_one_out_and_random_split() -> None:
     kept, label = apply_label_rule(_case())
     s = build_samples(kept, label, split="leave_one_out", max_history=5)

@@ -180,7 +180,8 @@ def make_chunk(job: ChunkJob, k: int, cat: Catalogue, features: list[FeatureSpec
     raw = make_users(first, count, cat, rng)
     kept, label = apply_label_rule(raw)
     smp = build_samples(kept, label, split=job.split,  # type: ignore[arg-type]
-                        max_history=job.max_history, seed=job.seed + first)
+                        max_history=job.max_history, seed=job.seed + first,
+                        histories=False)
     return (sequence_table(smp, {}, {}, [job.seed, 2, k]), split_counts(smp),
             int(raw.user.size))
 
