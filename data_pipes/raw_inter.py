@@ -197,16 +197,10 @@ def _joined(reader: pacsv.CSVStreamingReader, block_bytes: int, path: Path, n_fi
         size += rb.nbytes
         rows += rb.num_rows
         if size >= block_bytes:
-            yield _concat(pending)
+            yield pa.concat_batches(pending)
             pending, size = [], 0
     if pending:
-        yield _concat(pending)
-
-
-def _concat(batches: list[pa.RecordBatch]) -> pa.RecordBatch:
-    if len(batches) == 1:
-        return batches[0]
-    return pa.Table.from_batches(batches).combine_chunks().to_batches()[0]
+        yield pa.concat_batches(pending)
 
 
 # ---- raw synthetic interactions (the scale benchmark's input) -------------------------------

@@ -164,19 +164,15 @@ def build_constraints(model: torch.nn.Module, cfg: ShardingConfig, device_type: 
             continue
         if kind not in _TYPES:
             raise ValueError(f"sharding: table {name!r}: unknown sharding type {kind!r}")
-        if name in sequence and kind not in _EC_TYPES:
-            where = (f"sharding.tables.{name}" if name in cfg.tables
-                     else "sharding.default_type")
-            raise ValueError(f"{where} = {kind!r}: table {name!r} belongs to an "
-                             f"EmbeddingCollection, which TorchRec shards only as "
-                             f"{list(_EC_TYPES)}; set sharding.tables.{name} to one of them")
         if name in sequence and kind not in ec_types(device_type):
             where = (f"sharding.tables.{name}" if name in cfg.tables
                      else "sharding.default_type")
+            why = (f"whose data_parallel lookup pools each bag on {device_type} (fbgemm's "
+                   f"dense kernel)" if kind in _EC_TYPES else "which TorchRec shards only as "
+                   f"{list(_EC_TYPES)}")
             raise ValueError(f"{where} = {kind!r}: table {name!r} belongs to an "
-                             f"EmbeddingCollection, whose data_parallel lookup pools each bag "
-                             f"on {device_type} (fbgemm's dense kernel); set "
-                             f"sharding.tables.{name} to one of {list(ec_types(device_type))}")
+                             f"EmbeddingCollection, {why}; set sharding.tables.{name} to one "
+                             f"of {list(ec_types(device_type))}")
         kernel = "dense" if kind == "data_parallel" else "fused"
         out[name] = ParameterConstraints(sharding_types=[_TYPES[kind].value],
                                          compute_kernels=[kernel],
