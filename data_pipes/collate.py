@@ -36,6 +36,7 @@ from data_pipes.item_tokens import (  # noqa: F401 - re-exported
     item_tokens_file,
     load_item_tokens,
 )
+from data_pipes.kernels import fill_histories, take_ranges
 from data_pipes.schema import (
     HISTORY,
     HISTORY_FEATURE,
@@ -315,7 +316,7 @@ def gather_batch(parts: list[tuple[Rows, np.ndarray]], row_ids: np.ndarray,
                 starts = offsets[idx]
                 lens = offsets[idx + 1] - starts
                 lens_p.append(lens)
-                vals_p.append(values[ranges_index(starts, lens)])
+                vals_p.append(take_ranges(starts, lens, values))
             lens, vals = np.concatenate(lens_p), np.concatenate(vals_p)
         blocks.append((lens, vals, 1))
         n_sp.append(int(vals.size))
@@ -348,24 +349,28 @@ def gather_batch(parts: list[tuple[Rows, np.ndarray]], row_ids: np.ndarray,
             raise ValueError("these rows were decoded without their dense history "
                              "(decode_rows(dense_history=False), or rows_of_cut(history="
                              "'none'))")
-        items = _history_items(parts, h_len)
-        pos = ranges_index(np.arange(0, b * width, width), h_len)
-    if with_history_ids:
-        seq_v[...] = items
-        hist[...] = 0
-        hist.reshape(-1)[pos] = items
+        # ids and tokens at their cells, padding elsewhere, in one pass (data_pipes/kernels.py)
+        table = (None if item_tokens is None
+                 else np.ascontiguousarray(item_tokens, dtype=TOKEN_DTYPE))
+        tok3 = None if table is None else hist_tok.reshape(b, width, n_tok)
+        row0 = o0 = 0
+        for r, idx in parts:
+            lens = h_len[row0:row0 + idx.size]
+            if r.hist_flat is not None:
+                starts, values = r.hist_flat[0][idx], r.hist_flat[1]
+            else:   # left-aligned rows: row k's items start at cell k * W
+                starts, values = idx * r.hist.shape[1], r.hist.reshape(-1)
+            fill_histories(starts, lens, values, row0, o0, seq_v if with_history_ids else None,
+                           hist if with_history_ids else None, tok3, table)
+            row0 += idx.size
+            o0 += int(lens.sum())
 
     if item_tokens is not None:
         # One fixed-size record per item (its T tokens), so the lookup is a 1-D gather of
-        # records (several times faster than gathering rows of a 2-D table); a padding cell
-        # holds item 0's record, as the dense lookup of id 0 gives.
+        # records (several times faster than gathering rows of a 2-D table).
         table = np.ascontiguousarray(item_tokens, dtype=TOKEN_DTYPE)
         rec = _record_dtype(table.itemsize * n_tok)
-        records = table.view(rec).reshape(-1)
-        tok = hist_tok.view(rec)
-        tok[...] = records[0]
-        tok.reshape(-1)[pos] = np.take(records, items, mode="clip")
-        np.take(records, item_v, out=tgt_tok.view(rec)[:, 0], mode="clip")
+        np.take(table.view(rec).reshape(-1), item_v, out=tgt_tok.view(rec)[:, 0], mode="clip")
 
     # The KJT constructor given the per-key sizes numpy already knows = from_lengths_sync
     # without its tensor reductions.
@@ -396,21 +401,6 @@ def build_batch(table: pa.Table, features: list[FeatureSpec], row_ids: np.ndarra
                        None if item_tokens is None else item_tokens.shape[0])
     return gather_batch([(rows, np.arange(table.num_rows))], np.asarray(row_ids), features,
                         item_tokens, pad_history_to, with_history_ids)
-
-
-def _history_items(parts: list[tuple[Rows, np.ndarray]], h_len: np.ndarray) -> np.ndarray:
-    """The picked rows' history items one after another (`h_len` = their lengths, in order):
-    from a flat layout a ranges gather, from a dense one its rows' first h_len cells."""
-    out, lo = [], 0
-    for r, idx in parts:
-        lens = h_len[lo:lo + idx.size]
-        lo += idx.size
-        if r.hist_flat is not None:
-            start, items = r.hist_flat
-            out.append(items[ranges_index(start[idx], lens)])
-        else:   # left-aligned: a row's items are its first h_len cells
-            out.append(r.hist[idx][np.take(_valid_mask(r.hist.shape[1]), lens, axis=0)])
-    return out[0] if len(out) == 1 else np.concatenate(out)
 
 
 @functools.lru_cache(maxsize=8)

@@ -321,11 +321,12 @@ class StreamingSplit(IterableDataset):
 # writes afterwards (copy-on-write), i.e. the trainer's whole peak heap — measured 6.2 GB per
 # worker beside a 6.6 GB GenCI ML-100K trainer, enough for the OOM killer on a shared machine.
 # The fork server is a fresh interpreter: a worker costs its own imports and its data only.
-# The server imports this module (torch, torchrec, pyarrow) once, so a worker starts in
-# milliseconds; without the preload each worker re-imported them (~3 s).
+# The server imports data_pipes.worker_preload (this module: torch, torchrec, pyarrow; and the
+# numba kernels, loaded) once, so a worker starts in milliseconds; without the preload each
+# worker re-imported them (~3 s).
 _WORKER_START = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
 if _WORKER_START == "forkserver":
-    mp.get_context("forkserver").set_forkserver_preload([__name__])
+    mp.get_context("forkserver").set_forkserver_preload(["data_pipes.worker_preload"])
 
 
 def build_loader(dataset_dir: str | Path, split: str, *, batch_size: int, rank: int = 0,

@@ -121,10 +121,15 @@ def test_reader_bench_counts_every_row_in_every_batch_layout(
     assert [(x["bench"], x.get("layout"), x.get("read_ahead")) for x in lines] == [
         ("raw_pyarrow_scan", None, None), ("raw_pyarrow_scan_open_once", None, None),
         ("raw_pyarrow_read_table", None, None), ("raw_pyarrow_iter_batches", None, None),
+        *(("write_floor", layout, None) for layout in ("full", "genci", "din", "fields")),
         *(("reader_with_batches", layout, ahead) for layout in ("full", "genci", "din", "fields")
           for ahead in (False, True))]
     assert all(x["rows"] == rows for x in lines) and rows > 0
-    for x in lines[4:]:     # a ratio against each of the four scans; the strictest is their min
+    # the floor writes each layout's batches: fields < din (+ history ids), full = all of it
+    floor = {x["layout"]: x["bytes"] for x in lines[4:8]}
+    assert 0 < floor["fields"] < floor["din"] < floor["full"]
+    assert floor["fields"] < floor["genci"] < floor["full"]
+    for x in lines[8:]:     # a ratio against each of the four scans; the strictest is their min
         by_scan = x["ratio_paired_median_by_scan"]
         assert list(by_scan) == [y["bench"] for y in lines[:4]]
         assert x["ratio_paired_median_strictest"] == min(by_scan.values())
