@@ -75,13 +75,21 @@ before, 5.09 / 4.57 M after; strictest-scan ratio 0.18 / 0.18 before, 0.26 / 0.2
 Not kept: one `read_row_groups` call per block instead of a read per group (no measurable
 gain), a leaner `_alloc` (torch views via `.numpy()`: 20.7 vs 17.7 us per batch).
 
-Compiled history loops (data_pipes/kernels.py, numba; 2026-12-06, against the numpy gathers
-of cb2f5fa, two interleaved rounds per dataset, `--workers 0 --repeats 3 --read-ahead true`,
-best-of wall s per train epoch, background training paused): ML-1M genci 0.419 / 0.420 ->
-0.329 / 0.349, din 0.386 / 0.390 -> 0.282 / 0.293, fields (no history: unchanged) 0.183 /
-0.188 -> 0.179 / 0.185; ML-100K genci 0.043 / 0.043 -> 0.032 / 0.035, din 0.039 / 0.039 ->
-0.026 / 0.029. Copying a row's four int32 tokens as two int64 words changed nothing
-(0.337 / 0.343): the loop waits on the token table's random rows, not on the copies.
+Compiled history loops (data_pipes/kernels.py, numba; 2026-12-06): the per-sample layout
+(schema 1, its reader at c436bbf on its own files) / the sequence layout before (cb2f5fa) /
+after, M samples/s best-of-3, two interleaved rounds, `--workers 0 --repeats 3 --read-ahead
+true`, background training paused:
+  ML-1M            genci  1.70, 1.77 / 1.30, 1.43 / 1.98, 1.80
+                   din    1.90, 1.77 / 1.31, 1.58 / 2.01, 2.03
+                   fields 2.06, 2.08 / 2.59, 3.18 / 2.90, 2.89
+  synthetic s = 1  din    2.52, 2.42 / 2.33, 2.12 / 2.87, 2.53
+                   fields 3.58, 3.57 / 3.13, 2.85 / 3.56, 3.19
+The loops took the layouts with histories from 0.7-0.8x of schema 1's reader to 1.0-1.2x
+(fields reads no history: unchanged, within noise). Copying a token row as one 16-byte word
+instead of four int32s: 154 -> 62 us per ML-1M GenCI batch of 1024; even a loop of one word
+per cell stays at ~130 us (numba does not flatten it). Against the strictest plain scan of
+the sequence files the reader is at 0.10-0.31 (schema 1's reader: 0.49-0.69 of a scan of its
+own, 3.5x larger files).
 
 `write_floor` (a line per layout): the bytes of an epoch's batches and the time to write each
 of them once into fresh buffers. It shows the target ratio is not out of reach by bandwidth:

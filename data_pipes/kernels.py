@@ -1,4 +1,4 @@
-"""The reader's two per-batch loops, compiled with numba (`cache=True`: compiled once per
+"""The reader's per-batch loops, compiled with numba (`cache=True`: compiled once per
 machine into __pycache__, then loaded in milliseconds by every process and worker).
 
 Written by hand because they are faster than numpy here: numpy builds a ranges gather from
@@ -42,26 +42,46 @@ def take_ranges(starts: np.ndarray, lens: np.ndarray, values: np.ndarray) -> np.
 
 
 @njit(cache=True, nogil=True)
-def _fill_histories(starts, lens, values, row0, o0, seq, hist, tok, table):  # noqa: ANN001, ANN202
-    width, t_width, n_tok = hist.shape[1], tok.shape[1], tok.shape[2]
-    o = o0
+def _fill_ids(starts, lens, values, row0, o0, seq, hist):  # noqa: ANN001, ANN202
+    o, width = o0, hist.shape[1]
+    for i in range(lens.size):
+        s, n = starts[i], lens[i]
+        out = hist[row0 + i]
+        for j in range(n):
+            it = values[s + j]
+            seq[o + j] = it
+            out[j] = it
+        for j in range(n, width):
+            out[j] = 0
+        o += n
+
+
+@njit(cache=True, nogil=True)
+def _fill_token_words(starts, lens, values, row0, tok, table):  # noqa: ANN001, ANN202
+    # tok [B, W] and table [items + 1]: one word per item (all its tokens)
+    width, pad = tok.shape[1], table[0]
+    for i in range(lens.size):
+        s, n = starts[i], lens[i]
+        out = tok[row0 + i]
+        for j in range(n):
+            out[j] = table[values[s + j]]
+        for j in range(n, width):
+            out[j] = pad
+
+
+@njit(cache=True, nogil=True)
+def _fill_tokens(starts, lens, values, row0, tok, table):  # noqa: ANN001, ANN202
+    # tok [B, W, T] and table [items + 1, T]: token rows of any size
+    width, n_tok = tok.shape[1], tok.shape[2]
     for i in range(lens.size):
         s, n, r = starts[i], lens[i], row0 + i
         for j in range(n):
             it = values[s + j]
-            if seq.size:
-                seq[o + j] = it
-            if j < width:
-                hist[r, j] = it
-            if j < t_width:
-                for t in range(n_tok):
-                    tok[r, j, t] = table[it, t]
+            for t in range(n_tok):
+                tok[r, j, t] = table[it, t]
         for j in range(n, width):
-            hist[r, j] = 0
-        for j in range(n, t_width):
             for t in range(n_tok):
                 tok[r, j, t] = table[0, t]
-        o += n
 
 
 def fill_histories(starts: np.ndarray, lens: np.ndarray, values: np.ndarray, row0: int,
@@ -69,25 +89,37 @@ def fill_histories(starts: np.ndarray, lens: np.ndarray, values: np.ndarray, row
                    tok: np.ndarray | None, table: np.ndarray | None) -> None:
     """Lays out the histories of batch rows row0, row0 + 1, ...: row row0 + i's items are
     values[starts[i]:starts[i] + lens[i]] (oldest first). `seq` gets them one after another
-    from position o0 (the sequence KJT's values), `hist` [B, W] left-aligned and 0-padded,
-    `tok` [B, W, T] each item's T tokens from `table` [items + 1, T] (row 0 = padding),
-    padded with row 0. Any output may be None (not built). Every lens[i] <= W."""
-    b = lens.size if hist is None else hist.shape[0]
-    if seq is None:
-        seq = np.empty(0, dtype=np.int64)
-    if hist is None:
-        hist = np.empty((b, 0), dtype=np.int64)
+    from position o0 (the sequence KJT's values) and `hist` [B, W] left-aligned and 0-padded
+    (both or neither); `tok` [B, W, T] each item's T tokens from `table` [items + 1, T]
+    (row 0 = padding), padded with row 0 (or None). Every lens[i] <= W."""
+    if (seq is None) != (hist is None):
+        raise ValueError("seq and hist are built together")
+    if hist is not None:
+        _fill_ids(starts, lens, values, row0, o0, seq, hist)
     if tok is None or table is None:
-        tok = np.empty((b, 0, 1), dtype=np.int32)
-        table = np.zeros((1, 1), dtype=np.int32)
-    _fill_histories(starts, lens, values, row0, o0, seq, hist, tok, np.asarray(table))
+        return
+    table = np.ascontiguousarray(table)
+    word = _WORDS.get(table.shape[1] * table.itemsize)
+    if word is not None and tok.flags.c_contiguous:
+        # a row's tokens as one word, copied at once: 2.3x faster than a loop over four
+        # int32 tokens (ML-1M GenCI batches, 2026-12-06; even a loop of one word is 2x slower)
+        _fill_token_words(starts, lens, values, row0, tok.view(word)[:, :, 0],
+                          table.view(word)[:, 0])
+    else:
+        _fill_tokens(starts, lens, values, row0, tok, table)
+
+
+# a token row's byte size → one numpy type of that size (only copied, never computed with)
+_WORDS = {4: np.dtype(np.int32), 8: np.dtype(np.int64), 16: np.dtype(np.complex128)}
 
 
 def warm() -> None:
-    """Loads both kernels for the reader's usual argument types (int64 offsets and rows,
-    int32 history items, int64 id outputs, int32 tokens)."""
+    """Loads the kernels for the reader's usual argument types (int64 offsets and rows,
+    int32 history items, int64 id outputs, int32 tokens in rows of 4, 8 and 16 bytes)."""
     i64, i32 = np.zeros(1, np.int64), np.zeros(1, np.int32)
     take_ranges(i64, i64, i32)
     take_ranges(i64, i64, i64)
-    fill_histories(i64, i64, i32, 0, 0, np.zeros(1, np.int64), np.zeros((1, 1), np.int64),
-                   np.zeros((1, 1, 1), np.int32), np.zeros((1, 1), np.int32))
+    for n_tok in (1, 2, 4):     # token rows of 4, 8 and 16 bytes
+        fill_histories(i64, i64, i32, 0, 0, np.zeros(1, np.int64),
+                       np.zeros((1, 1), np.int64), np.zeros((1, 1, n_tok), np.int32),
+                       np.zeros((1, n_tok), np.int32))

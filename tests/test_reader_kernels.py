@@ -43,7 +43,7 @@ def test_fill_histories_hand_computed():
 
 @pytest.mark.parametrize("ids", [True, False])
 @pytest.mark.parametrize("tokens", [True, False])
-@pytest.mark.parametrize("n_tok", [3, 4])
+@pytest.mark.parametrize("n_tok", [1, 2, 3, 4])   # rows of 4, 8, 12, 16 bytes
 def test_fill_histories_matches_reference(ids, tokens, n_tok):
     rng = np.random.default_rng(1)
     n_items, b, width = 50, 64, 9
