@@ -31,6 +31,7 @@ from data_pipes.collate import (
     check_schema,
     ranges_index,
 )
+from data_pipes.kernels import take_ranges
 from data_pipes.protocol import SPLIT_CODES
 from data_pipes.schema import (
     ITEM,
@@ -212,8 +213,9 @@ def rows_of_cut(table: pa.Table, c: Cut, features: list[FeatureSpec], items: Ite
             else:
                 off, vals = items.multi[f.name]
                 ids = c.item
-            starts, lens = off[ids], off[ids + 1] - off[ids]
-            v = vals[ranges_index(starts, lens)]
+            starts = off[ids]
+            lens = off[ids + 1] - starts
+            v = take_ranges(starts, lens, vals)
             keep = v != 0
             if not keep.all():
                 lens = np.bincount(np.repeat(np.arange(n), lens)[keep], minlength=n)
