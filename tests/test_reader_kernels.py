@@ -70,3 +70,15 @@ def test_fill_histories_matches_reference(ids, tokens, n_tok):
 
 def test_warm_runs():
     warm()   # the fork server's preload (data_pipes/worker_preload.py) must not fail
+
+
+def test_token_words_copy_every_bit_pattern():
+    """Rows copied as one word (complex128 for four int32 tokens) keep their bits, also those
+    that read as NaNs or denormals as floats."""
+    table = np.array([[0, 0, 0, 0], [-1, -1, -1, -1], [1, 0, 0x7FF00000, 0x7FF80001],
+                      [0x00000001, 0x000FFFFF, -2147483648, 2147483647]], dtype=np.int32)
+    tok = np.full((2, 3, 4), 5, np.int32)
+    fill_histories(np.array([0, 2]), np.array([3, 1]), np.array([1, 2, 3, 3], np.int32), 0, 0,
+                   None, None, tok, table)
+    np.testing.assert_array_equal(tok[0], table[[1, 2, 3]])
+    np.testing.assert_array_equal(tok[1], table[[3, 0, 0]])
