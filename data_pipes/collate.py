@@ -342,6 +342,7 @@ def gather_batch(parts: list[tuple[Rows, np.ndarray]], row_ids: np.ndarray,
     label_v[...] = scalars[:, 2]
     row_v[...] = row_ids
 
+    table = None if item_tokens is None else np.ascontiguousarray(item_tokens, dtype=TOKEN_DTYPE)
     # History items in history order (= the sequence KJT values) and their cells in the
     # row-major [B, width] output (row i's first h_len[i]): O(items of the batch's histories).
     if with_history_ids or item_tokens is not None:
@@ -350,8 +351,6 @@ def gather_batch(parts: list[tuple[Rows, np.ndarray]], row_ids: np.ndarray,
                              "(decode_rows(dense_history=False), or rows_of_cut(history="
                              "'none'))")
         # ids and tokens at their cells, padding elsewhere, in one pass (data_pipes/kernels.py)
-        table = (None if item_tokens is None
-                 else np.ascontiguousarray(item_tokens, dtype=TOKEN_DTYPE))
         tok3 = None if table is None else hist_tok.reshape(b, width, n_tok)
         row0 = o0 = 0
         for r, idx in parts:
@@ -365,10 +364,9 @@ def gather_batch(parts: list[tuple[Rows, np.ndarray]], row_ids: np.ndarray,
             row0 += idx.size
             o0 += int(lens.sum())
 
-    if item_tokens is not None:
+    if table is not None:
         # One fixed-size record per item (its T tokens), so the lookup is a 1-D gather of
         # records (several times faster than gathering rows of a 2-D table).
-        table = np.ascontiguousarray(item_tokens, dtype=TOKEN_DTYPE)
         rec = _record_dtype(table.itemsize * n_tok)
         np.take(table.view(rec).reshape(-1), item_v, out=tgt_tok.view(rec)[:, 0], mode="clip")
 
