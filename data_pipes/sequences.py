@@ -126,10 +126,22 @@ class Cut:
     flat: np.ndarray         # int64 [n] index of each sample among the group's positions
 
 
-def cut_samples(table: pa.Table, split: int, max_history: int, features: list[FeatureSpec],
-                where: Callable[[int | None], str], item_card: int | None = None) -> Cut:
+@dataclass
+class Sequences:
+    """A validated sequence row group's list columns as numpy (offsets shared by all)."""
+
+    offsets: np.ndarray     # int64 [rows + 1], from 0
+    items: np.ndarray       # the items of every position, as stored
+    labels: np.ndarray      # 0/1 per position, as stored (int8 in our shards)
+    codes: np.ndarray       # split code per position, as stored
+    users: np.ndarray       # int64 [rows]
+
+
+def check_sequences(table: pa.Table, features: list[FeatureSpec],
+                    where: Callable[[int | None], str], item_card: int | None = None
+                    ) -> Sequences:
     """Validates a sequence row group (types, nulls, ids of items, users and user features,
-    labels 0/1, split codes in {0, 1, 2}, equal list lengths per row) and cuts the samples of split code `split` out of it."""
+    labels 0/1, split codes in {0, 1, 2}, equal list lengths per row)."""
     cols = sequence_columns(features, timestamps=TIMESTAMPS in table.column_names)
     check_schema(table.schema, cols, where)
     check_nulls(table, list(cols), where)
@@ -147,13 +159,13 @@ def cut_samples(table: pa.Table, split: int, max_history: int, features: list[Fe
                                f"{SEQ_ITEMS!r} has {int(lens[row])}")
     # Checked and used as stored (int8 in our shards): no int64 copy of every position.
     labels, codes = vals[LABELS], vals[SEQ_SPLITS]
-    row_of = np.repeat(np.arange(lens.size), lens)
     for name, v, hi in ((LABELS, labels, 1), (SEQ_SPLITS, codes, 2)):
         if v.size and (v.min() < 0 or v.max() > hi):
             bad = int(np.flatnonzero((v < 0) | (v > hi))[0])
-            raise DatasetError(f"{where(int(row_of[bad]))}: field {name!r} has "
-                               f"{int(v[bad])} at position {bad - int(offsets[row_of[bad]])}"
-                               f", expected {'0 or 1' if name == LABELS else '0, 1 or 2'}")
+            row = int(np.searchsorted(offsets, bad, "right")) - 1
+            raise DatasetError(f"{where(row)}: field {name!r} has {int(v[bad])} at position "
+                               f"{bad - int(offsets[row])}, expected "
+                               f"{'0 or 1' if name == LABELS else '0, 1 or 2'}")
     if item_card is not None:
         check_ids(SEQ_ITEMS, items, item_card, where, lens)
     users = table.column(USER).to_numpy().astype(np.int64) if table.num_rows else \
@@ -163,10 +175,21 @@ def cut_samples(table: pa.Table, split: int, max_history: int, features: list[Fe
             check_ids(USER, users, f.cardinality, where)
         elif f.side == "user":
             if f.multi:
-                off, vals = _list_parts(table.column(f.name))
-                check_ids(f.name, vals, f.cardinality, where, np.diff(off))
+                off, v = _list_parts(table.column(f.name))
+                check_ids(f.name, v, f.cardinality, where, np.diff(off))
             else:
                 check_ids(f.name, table.column(f.name).to_numpy(), f.cardinality, where)
+    return Sequences(offsets, items, labels, codes, users)
+
+
+def cut_samples(table: pa.Table, split: int, max_history: int, features: list[FeatureSpec],
+                where: Callable[[int | None], str], item_card: int | None = None) -> Cut:
+    """Validates a sequence row group (`check_sequences`) and cuts the samples of split code
+    `split` out of it (numpy; the reader's compiled cut, data_pipes.kernels.cut_block, gives
+    the same samples)."""
+    sq = check_sequences(table, features, where, item_card)
+    offsets, items, labels, codes, users = sq.offsets, sq.items, sq.labels, sq.codes, sq.users
+    row_of = np.repeat(np.arange(offsets.size - 1), np.diff(offsets))
     before = np.cumsum(labels, dtype=np.int64) - labels  # positives before, in the group
     sel = np.flatnonzero(codes == split)
     rows, first = row_of[sel], offsets[row_of[sel]]      # a sample's row, its row's start

@@ -32,13 +32,13 @@ lengths were read up front, pickled to every worker and turned into positions of
 batch: a worker's peak RSS over the first 100 batches of a 35.6M-row split was 2.74 GB, now
 0.30 GB, flat in the split's size (2026-12-04; data_pipes/bench_bucket_plan.py).
 
-Each worker reads and decodes a block once per epoch (data_pipes.sequences.expand_rows, then
-data_pipes.collate.gather_batch per batch) and keeps it until no later batch needs it, so it
-holds the decoded blocks that one batch spans, or with bucketing one window of W batches
-(W·batch rows plus a block at each end). With read-ahead (the default) one more thread per
-iterator reads the next block its batches will first use from Parquet while the iterator
-decodes and gathers batches, so one more block of Arrow tables is in memory; what a batch
-holds does not change.
+Each worker reads and decodes a block once per epoch (data_pipes.blocks.decode_block: the
+samples cut straight into the epoch's row order, then data_pipes.blocks.assemble_batch per
+batch) and keeps it until no later batch needs it, so it holds the decoded blocks that one
+batch spans, or with bucketing one window of W batches (W·batch rows plus a block at each
+end). With read-ahead (the default) one more thread per iterator reads the next block its
+batches will first use from Parquet and decodes it while the iterator builds batches, so one
+more block is in memory; what a batch holds does not change.
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from data_pipes.batch import Batch
-from data_pipes.collate import Rows, gather_batch, load_item_tokens
+from data_pipes.blocks import Block, assemble_batch, concat_blocks, decode_block, field_tables
+from data_pipes.collate import load_item_tokens
 from data_pipes.epoch_plan import EpochPlan as EpochPlan
 from data_pipes.epoch_plan import RowGroup as RowGroup
 from data_pipes.epoch_plan import batch_sizes as batch_sizes
@@ -68,6 +69,7 @@ from data_pipes.epoch_plan import num_steps as num_steps
 from data_pipes.memory import keep_freed_memory as _keep_freed_memory
 from data_pipes.quiet import quiet_known_warnings
 from data_pipes.schema import (
+    ITEM,
     LABELS,
     MANIFEST,
     SEQ_ITEMS,
@@ -80,8 +82,6 @@ from data_pipes.schema import (
 )
 from data_pipes.sequences import (
     block_where,
-    concat_rows,
-    expand_rows,
     group_where,
     load_item_side,
     manifest_max_history,
@@ -94,12 +94,12 @@ from data_pipes.verify import check_split_files
 class _WorkerCache:
     """What one iterator (one worker) keeps between batches."""
 
-    # decoded blocks by order k: (rows, row order this epoch, split row ids in file order)
-    groups: dict[int, tuple[Rows, np.ndarray, np.ndarray]] = field(default_factory=dict)
+    # decoded blocks by order k, their samples in this epoch's row order
+    groups: dict[int, Block] = field(default_factory=dict)
     # open files and the columns read from each
     files: dict[Path, tuple[pq.ParquetFile, list[str]]] = field(default_factory=dict)
     # Read-ahead: one thread reads the groups this iterator needs next from Parquet, in order
-    # of first use (`upcoming`), while this thread decodes and gathers batches; `pending`
+    # of first use (`upcoming`) and decodes them, while this thread builds batches; `pending`
     # holds at most one group in flight. Only that thread opens files: `files` needs no lock.
     pool: ThreadPoolExecutor | None = None
     upcoming: deque[int] = field(default_factory=deque)
@@ -137,7 +137,8 @@ class StreamingSplit(IterableDataset):
         self.columns = [USER, *(f.name for f in user_columns(self.features)), SEQ_ITEMS,
                         LABELS, SEQ_SPLITS]
         self.groups = list_row_groups(self.dataset_dir, split, manifest)
-        self.item_side = load_item_side(self.dataset_dir, self.features)
+        item_side = load_item_side(self.dataset_dir, self.features)
+        self.fields = field_tables(self.features, item_side.single, item_side.multi)
         self.item_tokens = load_item_tokens(self.dataset_dir)[0] if with_tokens else None
         self.epoch = 0
         self._next = 0       # next batch index of this worker's next yield
@@ -170,18 +171,16 @@ class StreamingSplit(IterableDataset):
     def __len__(self) -> int:
         return self.plan().steps
 
-    def _read(self, plan: EpochPlan, k: int, cache: _WorkerCache
-              ) -> tuple[Rows, np.ndarray, np.ndarray]:
-        """(the k-th block of the epoch order, decoded and validated once; its row order this
-        epoch; its rows' split row ids), cached per worker while batches still need it."""
+    def _read(self, plan: EpochPlan, k: int, cache: _WorkerCache) -> Block:
+        """The k-th block of the epoch order, decoded and validated once, its samples in this
+        epoch's row order; cached per worker while batches still need it."""
         if k not in cache.groups:
             if cache.pool is None:
-                tables = self._read_tables(plan, k, cache)
+                cache.groups[k] = self._decode(plan, k, self._read_tables(plan, k, cache))
             else:   # read ahead or, out of sequence, now; the thread's errors re-raise here
                 fut = (cache.pending.pop(k, None)
-                       or cache.pool.submit(self._read_tables, plan, k, cache))
-                tables = fut.result()
-            cache.groups[k] = self._decode(plan, k, tables)
+                       or cache.pool.submit(self._read_block, plan, k, cache))
+                cache.groups[k] = fut.result()
         return cache.groups[k]
 
     def _top_up(self, plan: EpochPlan, cache: _WorkerCache) -> None:
@@ -189,13 +188,18 @@ class StreamingSplit(IterableDataset):
         while cache.pool is not None and not cache.pending and cache.upcoming:
             k = cache.upcoming.popleft()
             if k not in cache.groups:
-                cache.pending[k] = cache.pool.submit(self._read_tables, plan, k, cache)
+                cache.pending[k] = cache.pool.submit(self._read_block, plan, k, cache)
+
+    def _read_block(self, plan: EpochPlan, k: int, cache: _WorkerCache) -> Block:
+        """The read-ahead thread's job: read the block and decode it. Arrow reads and the
+        compiled cut (data_pipes/kernels.py, nogil) run without the GIL, so this overlaps the
+        batches built meanwhile: 0.117 / 0.115 -> 0.109 / 0.100 s per ML-1M epoch for the
+        fields layout, 0.209 / 0.195 -> 0.191 / 0.192 for GenCI's (2026-12-06, two
+        interleaved rounds of data_pipes.bench_reader; a numpy decode there was slower)."""
+        return self._decode(plan, k, self._read_tables(plan, k, cache))
 
     def _read_tables(self, plan: EpochPlan, k: int, cache: _WorkerCache) -> list[pa.Table]:
-        """The row groups of the k-th block of the epoch order as read from Parquet (the
-        read-ahead thread's whole job: Arrow reads without holding the GIL, so it overlaps the
-        gathering thread; decoding there too was slower, the data_pipes/bench_reader.py
-        docstring)."""
+        """The row groups of the k-th block of the epoch order as read from Parquet."""
         out = []
         for gi in plan.blocks[k]:
             g = plan.groups[int(gi)]
@@ -218,10 +222,9 @@ class StreamingSplit(IterableDataset):
                 raise DatasetError(f"{g.path}: row group {g.index} unreadable ({e})") from None
         return out
 
-    def _decode(self, plan: EpochPlan, k: int, tables: list[pa.Table]
-                ) -> tuple[Rows, np.ndarray, np.ndarray]:
-        """Validates the k-th block's row groups and cuts this split's samples out of them
-        (data_pipes.sequences.expand_rows), as one Rows."""
+    def _decode(self, plan: EpochPlan, k: int, tables: list[pa.Table]) -> Block:
+        """Validates the k-th block's row groups and cuts this split's samples out of them in
+        this epoch's row order, as one Block (data_pipes.blocks.decode_block)."""
         code = SPLITS.index(self.split)
         groups = [plan.groups[int(gi)] for gi in plan.blocks[k]]
         if len(tables) > 1 and all(t.schema.equals(tables[0].schema) for t in tables[1:]):
@@ -231,26 +234,26 @@ class StreamingSplit(IterableDataset):
         else:   # a group's schema differs (damage): each is checked and named on its own
             parts = [(t, [g], group_where(g.path, g.index)) for t, g in zip(tables, groups,
                                                                            strict=True)]
-        decoded = []
-        for table, gs, where in parts:
-            rows = expand_rows(table, code, self.features, self.item_side, where,
-                               self.history_cap,
-                               None if self.item_tokens is None else self.item_tokens.shape[0],
-                               history="flat" if self.with_history_ids
-                               or self.item_tokens is not None else "none")
-            if rows.scalars.shape[0] != sum(g.rows for g in gs):
-                raise DatasetError(f"{where(None)}: {rows.scalars.shape[0]} {self.split} "
-                                   f"samples, the manifest says {sum(g.rows for g in gs)}")
-            decoded.append(rows)
-        return concat_rows(decoded), plan.row_perm(k), plan.row_ids(k)
+        item_card = next((f.cardinality for f in self.features if f.name == ITEM), None)
+        token_rows = None if self.item_tokens is None else self.item_tokens.shape[0]
+        order, ids = plan.row_perm(k), plan.row_ids(k)
+        if len(parts) == 1:     # cut straight into this epoch's row order
+            table, gs, where = parts[0]
+            return decode_block(table, code, self.split, sum(g.rows for g in gs),
+                                self.history_cap, self.features, self.fields, where, item_card,
+                                token_rows, order, ids)
+        return concat_blocks([
+            decode_block(table, code, self.split, sum(g.rows for g in gs), self.history_cap,
+                         self.features, self.fields, where, item_card, token_rows)
+            for table, gs, where in parts]).arranged(order, ids)
 
     def _lengths(self, plan: EpochPlan, cache: _WorkerCache,
                  k: int) -> tuple[np.ndarray, np.ndarray]:
         """(history lengths of the k-th group's rows, capped at max_history; its row order):
         what `EpochPlan.bucket` sorts by, from the decoded group the window's batches read."""
-        rows, perm, _ = self._read(plan, k, cache)
+        block = self._read(plan, k, cache)
         self._top_up(plan, cache)   # keep the read-ahead thread on the window's next group
-        return rows.hist_len, perm
+        return block.hist_len, np.arange(block.order.size)   # rows already in this order
 
     def build(self, plan: EpochPlan, j: int, cache: _WorkerCache) -> Batch:
         first = plan.first_group(j)
@@ -265,15 +268,10 @@ class StreamingSplit(IterableDataset):
                 cache.window = (w, plan.bucket(w, functools.partial(self._lengths, plan,
                                                                     cache)))
             positions = cache.window[1][j - w * plan.window]
-        parts, row_ids = [], []
-        for k, pos in plan.segments(j, positions):
-            rows, perm, ids = self._read(plan, k, cache)
-            idx = perm[pos]      # this batch's rows of the block: a gather, no block shuffle
-            parts.append((rows, idx))
-            row_ids.append(ids[idx])
-        return gather_batch(parts, np.concatenate(row_ids) if len(row_ids) > 1 else row_ids[0],
-                            self.features, self.item_tokens, self.pad_history_to,
-                            self.with_history_ids)
+        # this batch's rows of each block: positions in the block's order = its rows
+        parts = [(self._read(plan, k, cache), pos) for k, pos in plan.segments(j, positions)]
+        return assemble_batch(parts, self.features, self.fields, self.item_tokens,
+                              self.pad_history_to, self.with_history_ids)
 
     def __iter__(self):  # noqa: ANN204
         info = get_worker_info()
@@ -344,7 +342,7 @@ def build_loader(dataset_dir: str | Path, split: str, *, batch_size: int, rank: 
     (genci_dist.model.build.batch_fields). keep_freed_memory: each worker process applies
     data_pipes.memory.keep_freed_memory (the trainer's own process applies it itself).
     read_ahead: each iterator (the main process's, or each worker's) reads its next block of
-    row groups from Parquet on a second thread while it decodes and gathers batches.
+    row groups from Parquet and decodes them on a second thread while it builds batches.
     shuffle_block: row groups (each a random set of whole users) whose samples are shuffled
     jointly (training); max_history: histories cut to the most recent max_history items (at
     most the manifest's protocol.max_history).

@@ -192,13 +192,13 @@ def test_each_row_group_is_read_and_decoded_once_per_epoch(tiny_dataset: Path, b
     import data_pipes.stream as stream
 
     decoded: list[str] = []
-    real = stream.expand_rows
+    real = stream.decode_block
 
-    def counting(table, split, features, items, where, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def counting(table, split, name, expected, mh, features, tables, where, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
         decoded.extend(where(None).split("; "))    # a block names each of its groups
-        return real(table, split, features, items, where, *a, **k)
+        return real(table, split, name, expected, mh, features, tables, where, *a, **k)
 
-    monkeypatch.setattr(stream, "expand_rows", counting)
+    monkeypatch.setattr(stream, "decode_block", counting)
     loader = build_loader(tiny_dataset, "train", batch_size=5, seed=2, shuffle=True,
                           bucket_window=bucket, read_ahead=read_ahead, shuffle_block=2)
     rows = np.concatenate([b.row_ids.numpy() for b in loader])
@@ -217,7 +217,7 @@ def test_workers_do_not_inherit_the_trainers_process(tiny_dataset: Path,
     def broken(*_a, **_k):  # noqa: ANN002, ANN003, ANN202
         raise AssertionError("a worker ran the parent's patched module: it was forked")
 
-    monkeypatch.setattr(stream, "gather_batch", broken)
+    monkeypatch.setattr(stream, "assemble_batch", broken)
     loader = build_loader(tiny_dataset, "train", batch_size=5, num_workers=2, seed=2)
     rows = np.concatenate([b.row_ids.numpy() for b in loader])
     assert sorted(rows.tolist()) == list(range(_split_rows(tiny_dataset, "train")))
