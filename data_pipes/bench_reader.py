@@ -45,7 +45,7 @@ on the same data, machine shared): ML-100K 2.14 / 2.43 / 2.27 M samples/s agains
 2.17 / 1.58 M; synthetic s = 1 2.97 / 2.88 / 2.79 M against 2.26 / 3.66 / 3.83 M (median 0.79
 of schema 1's). A scan of the sequence files now reads 5-17x fewer bytes, so the reader is
 0.11-0.20 of the strictest scan (schema 1's files: 0.23-0.40); what it costs is the cut
-(`expand_rows`: histories and features per sample) and the gathers, not the Parquet read.
+(histories and features per sample) and the gathers, not the Parquet read.
 `--shuffle-block` 1 / 4 / 16 on synthetic s = 1: 2.02 / 3.08 / 2.90 M samples/s (one run
 each: mixing users across groups costs no measurable speed).
 

@@ -1,11 +1,12 @@
 """The compact on-disk layout (SPEC §2, schema version 2): one row per user sequence, from which
 samples and their histories are cut at read time. (Writing it: data_pipes/sequence_writer.py.)
 
-Reading: `cut_samples` validates one row group and finds the samples of one split in it with
-their histories (all numpy, no loop per user or sample); `expand_rows` turns that into the
-`Rows` a batch gathers from (data_pipes.collate), with item-side features looked up in
-items.parquet (`ItemSide`, loaded once per process); `read_split_samples` gives a split's
-samples as flat arrays (tests, verify, analysis).
+Reading: `check_sequences` validates one row group; `cut_samples` finds the samples of one
+split in it with their histories (all numpy, no loop per user or sample) and `rows_of_cut`
+turns that into per-sample `Rows` (data_pipes.collate), with item-side features looked up in
+items.parquet (`ItemSide`); `read_split_samples` gives a split's samples as flat arrays
+(tests, verify, analysis). The streaming reader cuts the same samples with a compiled loop
+and keeps features per user and per item instead (data_pipes/blocks.py).
 
 History of the sample at position t = the items of the user's positives at positions < t, the
 most recent `max_history` of them, oldest first: exactly `protocol.build_samples`' history.
@@ -200,23 +201,14 @@ def cut_samples(table: pa.Table, split: int, max_history: int, features: list[Fe
                items[labels == 1], sel)
 
 
-def expand_rows(table: pa.Table, split: int, features: list[FeatureSpec], items: ItemSide,
-                where: Callable[[int | None], str], max_history: int,
-                token_rows: int | None = None, history: str = "dense") -> Rows:
-    """The `Rows` (data_pipes.collate) of split code `split`'s samples in one sequence row
-    group: user-side features from the row, item-side ones from `items`. Errors name the
-    sequence row (`where(row)`); the returned Rows name a sample by its row and position."""
-    item_card = next((f.cardinality for f in features if f.name == ITEM), None)
-    return rows_of_cut(table, cut_samples(table, split, max_history, features, where, item_card),
-                       features, items, where, token_rows, history)
-
-
 def rows_of_cut(table: pa.Table, c: Cut, features: list[FeatureSpec], items: ItemSide,
                 where: Callable[[int | None], str], token_rows: int | None = None,
                 history: str = "dense") -> Rows:
-    """`expand_rows` for samples already cut out of `table`. `history`: "dense" = the
-    [n, W] matrix `Rows.hist`, "flat" = `Rows.hist_flat` (the cut's positives as they are:
-    what the reader uses), "none" = neither (batches without history ids or tokens)."""
+    """The `Rows` (data_pipes.collate) of the samples `c` cut out of `table`: user-side
+    features from the row, item-side ones from `items`; a sample is named by its row and
+    position. `history`: "dense" = the [n, W] matrix `Rows.hist`, "flat" = `Rows.hist_flat`
+    (the cut's positives as they are), "none" = neither (batches without history ids or
+    tokens)."""
     if history not in ("dense", "flat", "none"):
         raise ValueError(f"history={history!r}, expected 'dense', 'flat' or 'none'")
     if token_rows is not None and c.item.size and c.item.max() >= token_rows:
