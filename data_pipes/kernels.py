@@ -181,12 +181,10 @@ def _fill_fields(idx, row0, smp, kinds, cols, ucol, icol, umoff, umval, imoff, i
         hlen_o[row] = smp[s, 3]
     for k in range(n_keys):     # key by key: the write position stays in a register
         kind, c, o, lens = kinds[k], cols[k], cursor[k], sp_lens[k * b + row0:]
-        if kind <= 1:
+        if kind <= 1:       # a scalar: its table and the sample's row in it
+            tab, at = (ucol, 0) if kind == 0 else (icol, 1)
             for i in range(idx.size):
-                if kind == 0:
-                    v = ucol[smp[idx[i], 0], c]
-                else:
-                    v = icol[smp[idx[i], 1], c]
+                v = tab[smp[idx[i], at], c]
                 if v != 0:      # 0 = missing: an empty bag
                     sp_vals[o] = v
                     o += 1
@@ -274,7 +272,8 @@ def warm() -> None:
     """Loads the kernels for the argument types the reader passes (data_pipes.blocks: int64
     samples, offsets and outputs; items int32 or int64, read-only as Arrow hands them over;
     labels and split codes int8; history starts and lengths as strided columns of the samples
-    matrix; int32 tokens in rows of 4, 8 and 16 bytes, from a read-only memory map or not)."""
+    matrix; int32 tokens in rows of 4, 8 and 16 bytes as one word, other sizes token by token,
+    from a read-only memory map or not)."""
     def ro(a: np.ndarray) -> np.ndarray:
         a.flags.writeable = False
         return a
@@ -286,7 +285,7 @@ def warm() -> None:
     take_ranges(i64, i64, i64)
     for items in (i32, i64):
         cut_block(np.zeros(2, np.int64), ro(items.copy()), i8, i8, 0, 1, i64, i64)
-        for n_tok in (1, 2, 4):     # token rows of 4, 8 and 16 bytes
+        for n_tok in (1, 2, 3, 4):  # token rows of 4, 8 and 16 bytes, and the generic loop
             for table in (np.zeros((1, n_tok), np.int32), ro(np.zeros((1, n_tok), np.int32))):
                 fill_histories(smp[:, 4], smp[:, 3], items, 0, 0, i64, m2,
                                np.zeros((1, 1, n_tok), np.int32), table, i64)

@@ -82,3 +82,22 @@ def test_token_words_copy_every_bit_pattern():
                    None, None, tok, table)
     np.testing.assert_array_equal(tok[0], table[[1, 2, 3]])
     np.testing.assert_array_equal(tok[1], table[[3, 0, 0]])
+
+
+def test_warm_loads_every_signature_the_reader_uses(tiny_dataset) -> None:  # noqa: ANN001
+    """The fork server preloads the kernels with `warm()` so its workers never compile or
+    load one: an epoch of every batch layout adds no signature to any kernel."""
+    from data_pipes import kernels
+    from data_pipes.stream import build_loader
+
+    warm()
+    jitted = [getattr(kernels, n) for n in dir(kernels) if hasattr(getattr(kernels, n),
+                                                                   "signatures")]
+    before = {k.py_func.__name__: len(k.signatures) for k in jitted}
+    assert before["_cut_block"] and before["_fill_fields"] and before["_fill_token_words"]
+    for tokens in (True, False):
+        for ids in (True, False):
+            loader = build_loader(tiny_dataset, "train", batch_size=7, with_tokens=tokens,
+                                  with_history_ids=ids)
+            assert sum(b.size for b in loader) > 0
+    assert {k.py_func.__name__: len(k.signatures) for k in jitted} == before
