@@ -23,10 +23,18 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data_pipes.batch import Batch
-from data_pipes.collate import _F32, _I64, _TOK, TOKEN_DTYPE, _alloc, _list_parts, _record_dtype
+from data_pipes.collate import (
+    _F32,
+    _I64,
+    _TOK,
+    TOKEN_DTYPE,
+    _alloc,
+    _list_parts,
+    _record_dtype,
+    batch_of,
+)
 from data_pipes.kernels import (
     HIST_LEN,
     HIST_START,
@@ -42,7 +50,7 @@ from data_pipes.kernels import (
     fill_fields,
     fill_histories,
 )
-from data_pipes.schema import HISTORY_FEATURE, ITEM, SEQ_ITEMS, USER, DatasetError, FeatureSpec
+from data_pipes.schema import ITEM, SEQ_ITEMS, USER, DatasetError, FeatureSpec
 from data_pipes.sequences import check_sequences
 
 
@@ -277,18 +285,4 @@ def assemble_batch(parts: list[tuple[Block, np.ndarray]], features: list[Feature
     if table is not None:   # one fixed-size record per item: a 1-D gather (as gather_batch)
         rec = _record_dtype(table.itemsize * n_tok)
         np.take(table.view(rec).reshape(-1), item_v, out=tgt_tok.view(rec)[:, 0], mode="clip")
-    offsets = [0]
-    for m in n_sp:
-        offsets.append(offsets[-1] + m)
-    sparse = KeyedJaggedTensor(
-        keys=[f.name for f in features], values=tensors[0], lengths=tensors[1], stride=b,
-        length_per_key=n_sp, offset_per_key=offsets)
-    sequence = (KeyedJaggedTensor(
-        keys=[HISTORY_FEATURE], values=tensors[2], lengths=tensors[4], stride=b,
-        length_per_key=[n_seq], offset_per_key=[0, n_seq]) if with_history_ids else
-        KeyedJaggedTensor(keys=[], values=tensors[2], lengths=tensors[2], stride=b,
-                          length_per_key=[], offset_per_key=[0]))
-    return Batch(sparse_features=sparse, sequence_features=sequence, history=tensors[3],
-                 history_lengths=tensors[4], history_tokens=tensors[5],
-                 target_tokens=tensors[6], labels=tensors[10], user_ids=tensors[7],
-                 item_ids=tensors[8], row_ids=tensors[9])
+    return batch_of(features, tensors, n_sp, n_seq, with_history_ids)

@@ -370,8 +370,17 @@ def gather_batch(parts: list[tuple[Rows, np.ndarray]], row_ids: np.ndarray,
         rec = _record_dtype(table.itemsize * n_tok)
         np.take(table.view(rec).reshape(-1), item_v, out=tgt_tok.view(rec)[:, 0], mode="clip")
 
-    # The KJT constructor given the per-key sizes numpy already knows = from_lengths_sync
-    # without its tensor reductions.
+    return batch_of(features, tensors, n_sp, n_seq, with_history_ids)
+
+
+def batch_of(features: list[FeatureSpec], tensors: list[torch.Tensor], n_sp: list[int],
+             n_seq: int, with_history_ids: bool) -> Batch:
+    """The Batch over the 11 tensors `_alloc` carved for it (sparse values, sparse lengths,
+    sequence values, history, history lengths, history tokens, target tokens, user, item and
+    row ids, labels), `n_sp` ids per sparse key and `n_seq` sequence ids. The KJT constructor
+    given the per-key sizes numpy already knows = from_lengths_sync without its tensor
+    reductions."""
+    b = int(tensors[4].shape[0])
     offsets = [0]
     for m in n_sp:
         offsets.append(offsets[-1] + m)

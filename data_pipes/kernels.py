@@ -189,20 +189,13 @@ def _fill_fields(idx, row0, smp, kinds, cols, ucol, icol, umoff, umval, imoff, i
                     sp_vals[o] = v
                     o += 1
                 lens[i] = v != 0
-        elif kind == 2:
+        else:               # a list: its offsets and values, the sample's row in them
+            off, val, at = (umoff, umval, 0) if kind == 2 else (imoff, imval, 1)
             for i in range(idx.size):
-                r = smp[idx[i], 0]
-                lo, hi = umoff[c, r], umoff[c, r + 1]
+                r = smp[idx[i], at]
+                lo, hi = off[c, r], off[c, r + 1]
                 for j in range(lo, hi):
-                    sp_vals[o + j - lo] = umval[j]
-                o += hi - lo
-                lens[i] = hi - lo
-        else:
-            for i in range(idx.size):
-                it = smp[idx[i], 1]
-                lo, hi = imoff[c, it], imoff[c, it + 1]
-                for j in range(lo, hi):
-                    sp_vals[o + j - lo] = imval[j]
+                    sp_vals[o + j - lo] = val[j]
                 o += hi - lo
                 lens[i] = hi - lo
         cursor[k] = o
