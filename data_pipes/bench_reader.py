@@ -115,7 +115,15 @@ Strictest (whole files) 0.17-0.24 / 0.19-0.28 / 0.30-0.44. Batch 4096: 0.69-0.75
 its 23 ms per epoch), nothing overlaps it. Where a GenCI batch of 1024 goes (ML-1M, blocks
 decoded, cProfile): token fill 66 us, fill_fields 35, count_fields 14, `_alloc` ~25-50 (11
 tensors of one storage), two KJTs ~25, the rest Python; about 210 us per batch, against
-~70 us of the strictest scan per 1024 samples.
+~70 us of the strictest scan per 1024 samples. Again at 1cff220, two more rounds (ML-1M,
+batch 1024): genci 2.09, 2.11 -> 3.22, 3.22; din 2.16, 2.30 -> 3.63, 3.60; fields 3.25, 3.37
+-> 5.69, 5.79 M samples/s; of the row-group scan 0.52, 0.52 / 0.59, 0.60 / 0.92, 0.97, of
+the strictest 0.20-0.23 / 0.23-0.27 / 0.36-0.42. With one worker process (`--workers 1`, the
+trainer's setting; one run, best of 2): genci 0.50 -> 0.58, fields 0.64 -> 0.68 M samples/s,
+bound by the batch's hand-over through shared memory, not by building it.
+Not kept: filling batch j on a third thread while batch j + 1 is prepared (genci 2.89, 3.03
+-> 2.69, 2.45 M samples/s, CPU 0.25 -> 0.29-0.31 s: the hand-over and the GIL cost more than
+the overlap gains).
 
 `write_floor` (a line per layout): the bytes of an epoch's batches and the time to write each
 of them once into fresh buffers. It shows the target ratio is not out of reach by bandwidth:
