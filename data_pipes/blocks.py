@@ -39,6 +39,7 @@ from data_pipes.kernels import (
     HIST_LEN,
     HIST_START,
     ITEM_ID,
+    ITEM_ID_KEY,
     ITEM_LIST,
     ITEM_SCALAR,
     ROW_ID,
@@ -58,11 +59,11 @@ from data_pipes.sequences import check_sequences
 class FieldTables:
     """Where each sparse key is read (per process: the features and items.parquet's tables)."""
 
-    kinds: np.ndarray          # int64 [K] kernels.USER_SCALAR / ITEM_SCALAR / USER_LIST / ITEM_LIST
+    kinds: np.ndarray          # int64 [K] kernels.USER_SCALAR / ITEM_SCALAR / ... / ITEM_ID_KEY
     cols: np.ndarray           # int64 [K] the key's column (scalars) or list (lists) in its table
     user_scalars: list[str]    # ucol's columns after user_id
     user_lists: list[str]      # a block's user-side lists, in umoff's order
-    icol: np.ndarray           # int64 [items + 1, .] item_id, then the item-side scalars
+    icol: np.ndarray           # int64 [items + 1, .] the item-side scalars
     imoff: np.ndarray          # int64 [item lists, items + 2] offsets into imval (item 0: empty)
     imval: np.ndarray          # int64, padding ids dropped
 
@@ -82,7 +83,7 @@ def field_tables(features: list[FeatureSpec], single: dict[str, np.ndarray],
             kinds.append(USER_SCALAR)
             cols.append(0)
         elif f.name == ITEM:
-            kinds.append(ITEM_SCALAR)
+            kinds.append(ITEM_ID_KEY)
             cols.append(0)
         elif f.side == "user":
             names, kind = (user_lists, USER_LIST) if f.multi else (user_scalars, USER_SCALAR)
@@ -92,13 +93,12 @@ def field_tables(features: list[FeatureSpec], single: dict[str, np.ndarray],
         else:
             names, kind = (item_lists, ITEM_LIST) if f.multi else (item_scalars, ITEM_SCALAR)
             kinds.append(kind)
-            cols.append(len(names) + (kind == ITEM_SCALAR))
+            cols.append(len(names))
             names.append(f.name)
     n = max([card, *(single[x].size for x in item_scalars),
              *(multi[x][0].size - 1 for x in item_lists)])
-    icol = np.zeros((n, 1 + len(item_scalars)), np.int64)
-    icol[:, 0] = np.arange(n)
-    for c, name in enumerate(item_scalars, start=1):
+    icol = np.zeros((n, len(item_scalars)), np.int64)
+    for c, name in enumerate(item_scalars):
         icol[:single[name].size, c] = single[name]
     imoff, imval = _stack_lists([_drop_padding(*multi[x]) for x in item_lists], n + 1)
     return FieldTables(np.array(kinds, np.int64), np.array(cols, np.int64), user_scalars,

@@ -115,7 +115,8 @@ def fill_histories(starts: np.ndarray, lens: np.ndarray, values: np.ndarray, row
 
 # Feature sources of `count_fields` / `fill_fields`: a scalar id in a column of the user-row
 # table or of the item table, or a list in a user-row or item offsets/values table.
-USER_SCALAR, ITEM_SCALAR, USER_LIST, ITEM_LIST = 0, 1, 2, 3
+USER_SCALAR, ITEM_SCALAR, USER_LIST, ITEM_LIST, ITEM_ID_KEY = 0, 1, 2, 3, 4   # the last:
+# the sample's item id itself
 
 
 # Columns of a block's per-sample matrix (data_pipes.blocks.Block.samples): one row per sample,
@@ -132,6 +133,9 @@ def _count_fields(idx, smp, kinds, cols, ucol, icol, umoff, imoff, out):  # noqa
         if kind == 0:
             for i in range(idx.size):
                 m += ucol[smp[idx[i], 0], c] != 0
+        elif kind == 4:
+            for i in range(idx.size):
+                m += smp[idx[i], 1] != 0
         elif kind == 1:
             for i in range(idx.size):
                 m += icol[smp[idx[i], 1], c] != 0
@@ -162,7 +166,7 @@ def count_fields(idx: np.ndarray, samples: np.ndarray, kinds: np.ndarray, cols: 
     the histories' total length. Key k reads column cols[k] of its source kinds[k]
     (USER_SCALAR: ucol [rows, .] by the sample's sequence row; ITEM_SCALAR: icol [items + 1, .]
     by its item; USER_LIST / ITEM_LIST: list cols[k] of the offsets table umoff [lists,
-    rows + 1] / imoff [lists, items + 2])."""
+    rows + 1] / imoff [lists, items + 2]; ITEM_ID_KEY: the item id)."""
     out = np.zeros(kinds.size + 2, np.int64)
     _count_fields(idx, samples, kinds, cols, ucol, icol, umoff, imoff, out)
     return out
@@ -181,11 +185,18 @@ def _fill_fields(idx, row0, smp, kinds, cols, ucol, icol, umoff, umval, imoff, i
         hlen_o[row] = smp[s, 3]
     for k in range(n_keys):     # key by key: the write position stays in a register
         kind, c, o, lens = kinds[k], cols[k], cursor[k], sp_lens[k * b + row0:]
-        if kind <= 1:       # a scalar: its table and the sample's row in it
+        if kind == 4:       # the item id
+            for i in range(idx.size):
+                v = smp[idx[i], 1]
+                if v != 0:      # 0 = missing: an empty bag
+                    sp_vals[o] = v
+                    o += 1
+                lens[i] = v != 0
+        elif kind <= 1:     # a scalar: its table and the sample's row in it
             tab, at = (ucol, 0) if kind == 0 else (icol, 1)
             for i in range(idx.size):
                 v = tab[smp[idx[i], at], c]
-                if v != 0:      # 0 = missing: an empty bag
+                if v != 0:
                     sp_vals[o] = v
                     o += 1
                 lens[i] = v != 0

@@ -178,7 +178,7 @@ def test_assembled_batches_equal_gather_batch(pad: int | None, bucketed: bool) -
     lens = np.concatenate([b.hist_len for b in blocks])
     assert lens.min() == 0 and lens.max() == MAX_HISTORY
     # some bags empty: a missing scalar id and a list of padding only
-    assert (blocks[0].ucol[:, 1] == 0).any() and (tables.icol[:, 1] == 0).any()
+    assert (blocks[0].ucol[:, 1] == 0).any() and (tables.icol[1:, 0] == 0).any()
     for trial in range(6):
         picks = [rng.choice(b.samples.shape[0], rng.integers(1, 9), replace=False)
                  for b in blocks]
@@ -278,3 +278,24 @@ def test_errors_name_the_file_row_and_position() -> None:
         gather_batch([(rows, order[idx])], np.zeros(1, int), FEATURES, None, pad_history_to=2)
     assert str(got.value) == str(ref.value)
     assert "row group 2, row" in str(got.value) and ", position " in str(got.value)
+
+
+def test_the_item_id_key_drops_a_zero_id() -> None:
+    """An item id 0 (padding, which the manifest's range admits) is an empty item_id bag, as
+    gather_batch makes it."""
+    from data_pipes.kernels import ITEM_ID_KEY, count_fields
+
+    smp = np.zeros((3, 6), np.int64)
+    smp[:, ITEM_ID] = [3, 0, 5]
+    smp[:, HIST_LEN] = [2, 0, 1]
+    kinds, cols = np.array([ITEM_ID_KEY]), np.array([0])
+    empty2, empty1 = np.zeros((1, 1), np.int64), np.zeros(0, np.int64)
+    idx = np.arange(3)
+    assert count_fields(idx, smp, kinds, cols, empty2, empty2, empty2,
+                        empty2).tolist() == [2, 2, 3]
+    sp_vals, sp_lens = np.full(2, -1, np.int64), np.full(3, -1, np.int64)
+    outs = [np.zeros(3, np.int64) for _ in range(4)]
+    fill_fields(idx, 0, smp, kinds, cols, empty2, empty2, empty2, empty1, empty2, empty1,
+                np.zeros(1, np.int64), sp_vals, sp_lens, outs[0], outs[1],
+                np.zeros(3, np.float32), outs[2], outs[3])
+    assert sp_vals.tolist() == [3, 5] and sp_lens.tolist() == [1, 0, 1]
