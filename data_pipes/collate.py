@@ -14,7 +14,9 @@ Two steps, so the per-batch work is only gathers:
   more decoded tables by numpy fancy indexing, and looks the semantic-ID tokens up in a
   per-item token table (`load_item_tokens`), so the model never maps ids to codes itself.
 
-`build_batch` = both steps on one table (tests, parity checks).
+`build_batch` = both steps on one table (tests, parity checks). The streaming reader builds
+its batches from blocks instead (data_pipes/blocks.py: features looked up per user and per
+item, compiled passes), held by tests to exactly `gather_batch`'s Batch.
 """
 
 from __future__ import annotations
