@@ -152,9 +152,9 @@ class Block:
     def arranged(self, order: np.ndarray, row_ids: np.ndarray) -> Block:
         """This block (in file order) with its rows in `order` and ROW_ID = row_ids[file
         index]: one gather per block, so a batch's rows are read in sequence."""
-        samples = self.samples.copy()
-        samples[:, ROW_ID] = row_ids
-        return Block(self.where, samples[order], order, self.pos_items, self.ucol, self.umoff,
+        samples = self.samples[order]
+        samples[:, ROW_ID] = row_ids[order]
+        return Block(self.where, samples, order, self.pos_items, self.ucol, self.umoff,
                      self.umval, self.token_rows)
 
 
