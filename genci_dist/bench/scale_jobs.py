@@ -79,7 +79,10 @@ class RankSampler(threading.Thread):
             workers = 0
             for p in procs:
                 try:
-                    if p.pid not in ranks:
+                    # Not-a-rank is decided again at every sample: a rank caught between
+                    # fork and exec still shows its parent's environment (no RANK) and would
+                    # be missed for good (a 4-step run then had no rank 1 figures).
+                    if ranks.get(p.pid, -1) < 0:
                         env = p.environ()
                         parent_env = p.parent().environ() if p.parent() else {}
                         if "RANK" in env and "RANK" not in parent_env \
