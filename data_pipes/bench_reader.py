@@ -125,6 +125,25 @@ Not kept: filling batch j on a third thread while batch j + 1 is prepared (genci
 -> 2.69, 2.45 M samples/s, CPU 0.25 -> 0.29-0.31 s: the hand-over and the GIL cost more than
 the overlap gains).
 
+`reader_stages` (a line per layout, `stage_costs`): the CPU seconds of each stage of an epoch
+run alone on one thread (read, decode, assemble; `compiled` = only the compiled passes and
+their glue into one reused buffer: no allocation, tensors or KJTs), and the ratio to the
+strictest scan the reader could reach if that work were split perfectly over two threads.
+ML-1M, batch 1024, two runs (2026-12-06, quiet machine): GenCI read 0.038 + decode 0.021-0.023
++ assemble 0.099-0.103 (173-180 us per batch; compiled 136-139 us) s, bound 0.31-0.35 (compiled
+only: 0.36-0.40); DIN the same within 2 %; fields assemble 0.053 (92 us; compiled 59 us), bound
+0.44-0.49 (0.52-0.59). ML-100K GenCI bound 0.21 (0.27), fields 0.51 (0.60). The reader's own
+Parquet read costs about what the whole two-thread scan costs in CPU, so 0.5 of that scan needs
+everything after the read (validation, the cut, ~970 bytes per GenCI sample written) to cost
+less than the read itself, and it costs 2.6x as much for GenCI even without Python. The reader
+itself reaches 0.20-0.23 (GenCI) of that scan, its work being mostly serial: splitting it over
+threads loses to the GIL. Assembling pre-decoded ML-1M GenCI batches (an ad hoc script over the
+blocks `stage_costs` decodes) on two threads instead of one took 150-169 instead of 114 ms;
+only the compiled passes (one reused buffer per thread), 97-103 instead of 79 ms; only the
+allocation and tensor views, 70-78 instead of 27 ms (each handover of the GIL between the per-
+batch Python steps costs more than the compiled loop between them saves; a numba loop alone
+scales 2x on these two cores).
+
 `write_floor` (a line per layout): the bytes of an epoch's batches and the time to write each
 of them once into fresh buffers. It shows the target ratio is not out of reach by bandwidth:
 on ML-100K genci batches are 973 bytes per sample, written in 1.2 ms per epoch, 4.8x faster
@@ -162,15 +181,18 @@ import functools
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from data_pipes.blocks import assemble_batch, batch_shape, write_batch
+from data_pipes.collate import TOKEN_DTYPE, _places
 from data_pipes.memory import keep_freed_memory
 from data_pipes.schema import SEMANTIC_IDS
-from data_pipes.stream import build_loader, list_row_groups
+from data_pipes.stream import StreamingSplit, _WorkerCache, build_loader, list_row_groups
 
 
 def raw_scan(dataset_dir: Path, split: str, open_once: bool = False) -> tuple[int, float, float]:
@@ -251,6 +273,65 @@ def write_floor(sizes: list[int]) -> tuple[float, float]:
     for n in sizes:
         np.empty(n, dtype=np.uint8).fill(1)
     return time.perf_counter() - t0, time.process_time() - c0
+
+
+def _best_cpu(job: Callable[[], object], repeats: int) -> tuple[float, object]:
+    """(least CPU seconds of `repeats` runs of job, its last result)."""
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        c0 = time.process_time()
+        out = job()
+        best = min(best, time.process_time() - c0)
+    return best, out
+
+
+def stage_costs(dataset_dir: Path, split: str, batch_size: int, layout: str,
+                repeats: int = 3) -> dict[str, float]:
+    """CPU seconds of each stage of the reader's epoch (no bucketing), one stage at a time on
+    one thread, best of `repeats`: `read` every block's row groups from Parquet, `decode`
+    them into Blocks (validation and the compiled cut), `assemble` every batch from the
+    decoded blocks (data_pipes.blocks.assemble_batch, tensors and KJTs included), and
+    `compiled` only its compiled passes (batch_shape + write_batch into one buffer reused
+    for every batch: no allocation, no tensors, no KJTs). read + decode + assemble is the
+    reader's work for an epoch without the DataLoader; read + decode + compiled the least a
+    reader writing these batches through these kernels could do."""
+    tokens, ids = LAYOUTS[layout]
+    ds = StreamingSplit(dataset_dir, split, batch_size=batch_size, rank=0, world_size=1,
+                        seed=0, shuffle=True, with_tokens=tokens, with_history_ids=ids,
+                        read_ahead=False)
+    plan, cache = ds.plan(), _WorkerCache()
+    blocks = range(len(plan.blocks))
+    read, tables = _best_cpu(lambda: [ds._read_tables(plan, k, cache) for k in blocks], repeats)
+    decode, decoded = _best_cpu(lambda: [ds._decode(plan, k, tables[k]) for k in blocks],
+                                repeats)
+    batches = [[(decoded[k], pos) for k, pos in plan.segments(j)] for j in range(plan.steps)]
+    table = (None if ds.item_tokens is None
+             else np.ascontiguousarray(ds.item_tokens, dtype=TOKEN_DTYPE))
+
+    def assemble() -> int:
+        return sum(assemble_batch(parts, ds.features, ds.fields, ds.item_tokens,
+                                  ds.pad_history_to, ds.with_history_ids).size
+                   for parts in batches)
+
+    buf = np.empty(0, np.uint8)
+
+    def compiled() -> None:
+        nonlocal buf
+        for parts in batches:
+            shape = batch_shape(parts, ds.fields, table, ds.pad_history_to, ids)
+            starts, end = _places(shape.specs)
+            if buf.size < end:
+                buf = np.empty(end, np.uint8)
+            write_batch(parts, shape, ds.fields, table,
+                        [np.ndarray(sh, dt, buf, a) for a, (sh, dt) in zip(starts, shape.specs,
+                                                                          strict=True)], ids)
+
+    cpu_assemble, rows = _best_cpu(assemble, repeats)
+    if rows != sum(g.rows for g in plan.groups):
+        raise SystemExit(f"stage costs: {rows} rows assembled, the split has "
+                         f"{sum(g.rows for g in plan.groups)}")
+    return {"read": read, "decode": decode, "assemble": cpu_assemble,
+            "compiled": _best_cpu(compiled, repeats)[0], "batches": plan.steps}
 
 
 def _median_ratio(raws: list[tuple[int, float, float]], runs: list[tuple[int, float, float]],
@@ -336,6 +417,23 @@ def main(argv: list[str] | None = None) -> int:
                               statistics.median(a / f[0] for a, f in zip(strictest, fl,
                                                                           strict=True)), 3)}),
               flush=True)
+    strictest_wall = min(min(r[1] for r in v) for v in scans.values())
+    for layout in layouts:
+        # the best ratio to the strictest scan that the reader's work (or only its compiled
+        # part) could reach if perfectly split over two threads, as the scans are
+        st = stage_costs(ds, args.split, args.batch_size, layout, max(args.repeats, 3))
+        work = st["read"] + st["decode"] + st["assemble"]
+        least = st["read"] + st["decode"] + st["compiled"]
+        print(json.dumps({"bench": "reader_stages", "layout": layout,
+                          "batch_size": args.batch_size, "rows": rows,
+                          **{f"{k}_cpu_seconds": round(st[k], 6)
+                             for k in ("read", "decode", "assemble", "compiled")},
+                          "assemble_us_per_batch": round(st["assemble"] / st["batches"] * 1e6, 1),
+                          "compiled_us_per_batch": round(st["compiled"] / st["batches"] * 1e6, 1),
+                          "strictest_scan_seconds": round(strictest_wall, 6),
+                          "ratio_bound_two_threads": round(strictest_wall / (work / 2), 3),
+                          "ratio_bound_compiled_two_threads": round(
+                              strictest_wall / (least / 2), 3)}), flush=True)
     raw_wall, raw_cpu = min(r[1] for r in raws), min(r[2] for r in raws)
     once_wall, once_cpu = min(r[1] for r in once), min(r[2] for r in once)
     for (w, layout, ahead), rs in runs.items():

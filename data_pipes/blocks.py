@@ -237,14 +237,23 @@ def concat_blocks(parts: list[Block]) -> Block:
                  np.concatenate([p.umval for p in parts]), parts[0].token_rows)
 
 
-def assemble_batch(parts: list[tuple[Block, np.ndarray]], features: list[FeatureSpec],
-                   tables: FieldTables, item_tokens: np.ndarray | None,
-                   pad_history_to: int | None = None, with_history_ids: bool = True) -> Batch:
-    """The Batch of rows idx of each block, in order (parts = [(block, idx)]); the layout and
-    the arguments of data_pipes.collate.gather_batch."""
-    if item_tokens is not None and any(p.token_rows is None or p.token_rows
-                                       > item_tokens.shape[0] for p, _ in parts):
-        raise ValueError("rows were not validated against this semantic-ID table")
+@dataclass
+class BatchShape:
+    """A batch's sizes, known before it is written (`batch_shape`)."""
+
+    sizes: list[list[int]]     # per part: kernels.count_fields (ids per key, longest, total)
+    n_sp: list[int]            # ids per sparse key
+    n_seq: int                 # sequence KJT ids (0 without history ids)
+    width: int                 # history cells per row
+    specs: list[tuple[tuple[int, ...], np.dtype]]   # the 11 arrays, for collate._alloc
+
+
+def batch_shape(parts: list[tuple[Block, np.ndarray]], tables: FieldTables,
+                table: np.ndarray | None, pad_history_to: int | None,
+                with_history_ids: bool) -> BatchShape:
+    """The sizes of the Batch of rows idx of each block (parts = [(block, idx)]) with token
+    table `table` (or None): one compiled pass per part; refuses a history longer than
+    pad_history_to."""
     n_keys = tables.kinds.size
     sizes = [count_fields(idx, p.samples, tables.kinds, tables.cols, p.ucol, tables.icol,
                           p.umoff, tables.imoff).tolist() for p, idx in parts]
@@ -261,18 +270,26 @@ def assemble_batch(parts: list[tuple[Block, np.ndarray]], features: list[Feature
     n_sp = [sum(s[k] for s in sizes) for k in range(n_keys)]
     n_seq = n_hist if with_history_ids else 0
     w_ids = width if with_history_ids else 0
-    n_tok = 0 if item_tokens is None else item_tokens.shape[1]
-    views, tensors = _alloc([
+    n_tok = 0 if table is None else table.shape[1]
+    return BatchShape(sizes, n_sp, n_seq, width, [
         ((sum(n_sp),), _I64), ((b * n_keys,), _I64), ((n_seq,), _I64), ((b, w_ids), _I64),
         ((b,), _I64), ((b, width * n_tok), _TOK), ((b, n_tok), _TOK), ((b,), _I64), ((b,), _I64),
         ((b,), _I64), ((b,), _F32)])
+
+
+def write_batch(parts: list[tuple[Block, np.ndarray]], shape: BatchShape, tables: FieldTables,
+                table: np.ndarray | None, views: list[np.ndarray],
+                with_history_ids: bool) -> None:
+    """Writes the batch of `parts` into `views` (the arrays of shape.specs, in order): the
+    compiled fills of every part, then the target tokens."""
     (sp_vals, sp_lens, seq_v, hist, h_len, hist_tok, tgt_tok, user_v, item_v, row_v,
      label_v) = views
-    table = None if item_tokens is None else np.ascontiguousarray(item_tokens, dtype=TOKEN_DTYPE)
-    tok3 = None if table is None else hist_tok.reshape(b, width, n_tok)
-    key_start = np.cumsum([0, *n_sp[:-1]], dtype=np.int64)
+    n_keys = tables.kinds.size
+    b = user_v.size
+    tok3 = None if table is None else hist_tok.reshape(b, shape.width, table.shape[1])
+    key_start = np.cumsum([0, *shape.n_sp[:-1]], dtype=np.int64)
     row0 = o0 = 0
-    for (p, idx), s in zip(parts, sizes, strict=True):
+    for (p, idx), s in zip(parts, shape.sizes, strict=True):
         fill_fields(idx, row0, p.samples, tables.kinds, tables.cols, p.ucol, tables.icol,
                     p.umoff, p.umval, tables.imoff, tables.imval, key_start, sp_vals, sp_lens,
                     user_v, item_v, label_v, row_v, h_len)  # key_start: moved past the part
@@ -283,6 +300,21 @@ def assemble_batch(parts: list[tuple[Block, np.ndarray]], features: list[Feature
         row0 += idx.size
         o0 += s[n_keys + 1]
     if table is not None:   # one fixed-size record per item: a 1-D gather (as gather_batch)
-        rec = _record_dtype(table.itemsize * n_tok)
+        rec = _record_dtype(table.itemsize * table.shape[1])
         np.take(table.view(rec).reshape(-1), item_v, out=tgt_tok.view(rec)[:, 0], mode="clip")
-    return batch_of(features, tensors, n_sp, n_seq, with_history_ids)
+
+
+def assemble_batch(parts: list[tuple[Block, np.ndarray]], features: list[FeatureSpec],
+                   tables: FieldTables, item_tokens: np.ndarray | None,
+                   pad_history_to: int | None = None, with_history_ids: bool = True) -> Batch:
+    """The Batch of rows idx of each block, in order (parts = [(block, idx)]); the layout and
+    the arguments of data_pipes.collate.gather_batch. Its sizes first (`batch_shape`), then
+    one storage (collate._alloc) written by `write_batch`."""
+    if item_tokens is not None and any(p.token_rows is None or p.token_rows
+                                       > item_tokens.shape[0] for p, _ in parts):
+        raise ValueError("rows were not validated against this semantic-ID table")
+    table = None if item_tokens is None else np.ascontiguousarray(item_tokens, dtype=TOKEN_DTYPE)
+    shape = batch_shape(parts, tables, table, pad_history_to, with_history_ids)
+    views, tensors = _alloc(shape.specs)
+    write_batch(parts, shape, tables, table, views, with_history_ids)
+    return batch_of(features, tensors, shape.n_sp, shape.n_seq, with_history_ids)

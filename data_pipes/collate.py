@@ -425,18 +425,13 @@ def _valid_mask(width: int) -> np.ndarray:
     return np.arange(width) < np.arange(width + 1)[:, None]
 
 
-
-
 def _alloc(specs: list[tuple[tuple[int, ...], np.dtype]]) -> tuple[list[np.ndarray],
                                                                     list[torch.Tensor]]:
     """Arrays of the given (shape, dtype) carved out of one new storage (each start 64-byte
     aligned), as numpy (to fill) and torch (same memory). A worker hands a Batch to the main
     process through shared memory one storage at a time, so one storage instead of ~12 makes
     num_workers > 0 much cheaper. (Plain Python arithmetic: this runs once per batch.)"""
-    starts, end = [], 0
-    for shape, dtype in specs:
-        starts.append(end)
-        end += -(math.prod(shape) * dtype.itemsize // -64) * 64
+    starts, end = _places(specs)
     buf = np.empty(end, dtype=np.uint8)
     flat = torch.from_numpy(buf)
     typed = {d: flat.view(t) for d, t in _TORCH_DTYPES.items()}  # end % 64 == 0: all fit
@@ -446,3 +441,14 @@ def _alloc(specs: list[tuple[tuple[int, ...], np.dtype]]) -> tuple[list[np.ndarr
         strides = (shape[1], 1) if len(shape) == 2 else (1,)  # 1-D and 2-D only
         tensors.append(typed[dtype].as_strided(shape, strides, a // dtype.itemsize))
     return views, tensors
+
+
+def _places(specs: list[tuple[tuple[int, ...], np.dtype]]) -> tuple[list[int], int]:
+    """(byte offset of each array, total bytes) of `_alloc`'s storage: each start 64-byte
+    aligned, the total a multiple of 64."""
+    starts, end = [], 0
+    for shape, dtype in specs:
+        starts.append(end)
+        end += -(math.prod(shape) * dtype.itemsize // -64) * 64
+    return starts, end
+

@@ -122,6 +122,7 @@ def test_reader_bench_counts_every_row_in_every_batch_layout(
         ("raw_pyarrow_scan", None, None), ("raw_pyarrow_scan_open_once", None, None),
         ("raw_pyarrow_read_table", None, None), ("raw_pyarrow_iter_batches", None, None),
         *(("write_floor", layout, None) for layout in ("full", "genci", "din", "fields")),
+        *(("reader_stages", layout, None) for layout in ("full", "genci", "din", "fields")),
         *(("reader_with_batches", layout, ahead) for layout in ("full", "genci", "din", "fields")
           for ahead in (False, True))]
     assert all(x["rows"] == rows for x in lines) and rows > 0
@@ -129,7 +130,17 @@ def test_reader_bench_counts_every_row_in_every_batch_layout(
     floor = {x["layout"]: x["bytes"] for x in lines[4:8]}
     assert 0 < floor["fields"] < floor["din"] < floor["full"]
     assert floor["fields"] < floor["genci"] < floor["full"]
-    for x in lines[8:]:     # a ratio against each of the four scans; the strictest is their min
+    strictest = min(x["seconds"] for x in lines[:4])
+    for x in lines[8:12]:   # each stage timed; the bounds: the strictest scan over half the work
+        cpu = {k: x[f"{k}_cpu_seconds"] for k in ("read", "decode", "assemble", "compiled")}
+        assert all(v > 0 for v in cpu.values())
+        assert x["strictest_scan_seconds"] == pytest.approx(strictest, abs=1e-3)   # 3 vs 4 places
+        scan = x["strictest_scan_seconds"]
+        assert x["ratio_bound_two_threads"] == pytest.approx(
+            scan / ((cpu["read"] + cpu["decode"] + cpu["assemble"]) / 2), abs=2e-3)
+        assert x["ratio_bound_compiled_two_threads"] == pytest.approx(
+            scan / ((cpu["read"] + cpu["decode"] + cpu["compiled"]) / 2), abs=2e-3)
+    for x in lines[12:]:    # a ratio against each of the four scans; the strictest is their min
         by_scan = x["ratio_paired_median_by_scan"]
         assert list(by_scan) == [y["bench"] for y in lines[:4]]
         assert x["ratio_paired_median_strictest"] == min(by_scan.values())
