@@ -29,67 +29,8 @@ the open-once scan does not. `pq.read_table`'s best-of swings widely between run
 (0.10–0.37 s on ML-1M train), so always check which scan was strictest. The reader does
 everything a Batch needs on top of the scan: shuffle, validation, ids, padding, lookups.
 
-Measured (ML-1M train, 588,798 rows, `--workers 0 --repeats 7 --layouts genci,din,fields,full`,
-one process, training paused; 2026-12-04, commits 39140dc and 1512753). Seven runs of GenCI's
-layout with read-ahead gave 0.600, 0.580, 0.558, 0.521, 0.479, 0.488 and 0.522 of the
-strictest scan (median 0.522), against 0.30–0.41 without read-ahead. That is 2.15–2.36 M
-rows/s best-of, against 1.50–1.55 M without. The other layouts, per run, with read-ahead:
-din 0.57–0.62, fields 0.64–0.67, full (no model reads it) 0.43–0.55. On CPU time the reader
-does ~1.9× the scan's work (ratio 0.53), so its rate comes from using both cores, as the
-scans do.
-
-The compact layout (schema 2: sequence shards, samples and histories cut at read time;
-2026-12-05, three interleaved rounds of `--workers 0 --repeats 3 --layouts genci --read-ahead
-true`, train split, random semantic IDs, this layout against the per-sample one of schema 1
-on the same data, machine shared): ML-100K 2.14 / 2.43 / 2.27 M samples/s against 1.55 /
-2.17 / 1.58 M; synthetic s = 1 2.97 / 2.88 / 2.79 M against 2.26 / 3.66 / 3.83 M (median 0.79
-of schema 1's). A scan of the sequence files now reads 5-17x fewer bytes, so the reader is
-0.11-0.20 of the strictest scan (schema 1's files: 0.23-0.40); what it costs is the cut
-(histories and features per sample) and the gathers, not the Parquet read.
-`--shuffle-block` 1 / 4 / 16 on synthetic s = 1: 2.02 / 3.08 / 2.90 M samples/s (one run
-each: mixing users across groups costs no measurable speed).
-
-Flat histories (2026-12-05, 432c389 against debac69; data_pipes/collate.py, `Rows.hist_flat`):
-a block keeps its cut positives with a start and a length per sample instead of a dense
-[n, W] matrix (W = the block's longest history, 50 at s = 1 where most hold 0-3 items), and
-a batch gathers only its histories' items, then writes ids and tokens at their cells. CPU s
-per train epoch, workers 0, no read-ahead, best of 5, three interleaved rounds, ranges over
-the rounds (schema 1 = the per-sample layout on the same data / before / after), shared
-machine:
-  synthetic s = 1  genci  0.052-0.058 / 0.071-0.109 / 0.062-0.077
-                   din    0.054-0.058 / 0.072-0.089 / 0.058-0.068
-                   fields 0.038-0.042 / 0.047-0.053 / 0.046-0.055
-                   full   0.060-0.065 / 0.084-0.100 / 0.066-0.069
-  ML-100K          genci  0.024-0.025 / 0.021-0.025 / 0.019-0.025
-                   din    0.025-0.030 / 0.021-0.025 / 0.019-0.022
-                   fields 0.019-0.020 / 0.012-0.013 / 0.012-0.013
-                   full   0.026-0.029 / 0.026-0.030 / 0.024-0.027
-On ML-100K (histories of 30-43 items) the flat gather is as fast as the dense one and the
-reader is as fast as schema 1 or faster (one round of full: 0.027 vs 0.026). At s = 1 the layouts with histories are 1.15-1.45x
-faster than before but still 0-38 % behind schema 1 per round (fields, which reads no
-history, 15-45 %): the rest is the sequence read (three ZSTD list columns of every split;
-re-encoded as Snappy, a plain read of the files took 0.010 instead of 0.015 CPU s) and the
-cut, not the histories. This bench's genci line with read-ahead (`--workers 0 --repeats 3
---layouts genci --read-ahead true`, two interleaved runs each): 3.48 / 3.87 M samples/s
-before, 5.09 / 4.57 M after; strictest-scan ratio 0.18 / 0.18 before, 0.26 / 0.24 after.
-Not kept: one `read_row_groups` call per block instead of a read per group (no measurable
-gain), a leaner `_alloc` (torch views via `.numpy()`: 20.7 vs 17.7 us per batch).
-
-Compiled history loops (data_pipes/kernels.py, numba; 2026-12-06): the per-sample layout
-(schema 1, its reader at c436bbf on its own files) / the sequence layout before (cb2f5fa) /
-after, M samples/s best-of-3, two interleaved rounds, `--workers 0 --repeats 3 --read-ahead
-true`, background training paused:
-  ML-1M            genci  1.70, 1.77 / 1.30, 1.43 / 1.98, 1.80
-                   din    1.90, 1.77 / 1.31, 1.58 / 2.01, 2.03
-                   fields 2.06, 2.08 / 2.59, 3.18 / 2.90, 2.89
-  synthetic s = 1  din    2.52, 2.42 / 2.33, 2.12 / 2.87, 2.53
-                   fields 3.58, 3.57 / 3.13, 2.85 / 3.56, 3.19
-The loops took the layouts with histories from 0.7-0.8x of schema 1's reader to 1.0-1.2x
-(fields reads no history: unchanged, within noise). Copying a token row as one 16-byte word
-instead of four int32s: 154 -> 62 us per ML-1M GenCI batch of 1024; even a loop of one word
-per cell stays at ~130 us (numba does not flatten it). Against the strictest plain scan of
-the sequence files the reader is at 0.10-0.31 (schema 1's reader: 0.49-0.69 of a scan of its
-own, 3.5x larger files).
+The before/after figures of earlier reader designs are in README "Speed" (with commits) and
+in this file's git history; below, today's.
 
 Blocks and compiled batch assembly (data_pipes/blocks.py; 2026-12-06, fbbdfbc before, 636ec8d
 after). A block keeps one int64 row per sample (sequence row, item, label, history start and
@@ -113,7 +54,7 @@ Strictest (whole files) 0.17-0.24 / 0.19-0.28 / 0.30-0.44. Batch 4096: 0.69-0.75
 0.96-1.01 of the row-group scan, strictest 0.28 / 0.37-0.38. ML-100K: 0.35 / 0.39-0.41 /
 0.51-0.53 of the row-group scan; its one block is read and cut before the first batch (8 of
 its 23 ms per epoch), nothing overlaps it. Where a GenCI batch of 1024 goes (ML-1M, blocks
-decoded, cProfile): token fill 66 us, fill_fields 35, count_fields 14, `_alloc` ~25-50 (11
+decoded, cProfile): token fill 66 us, fill_fields 35, count_fields 14, the storage ~25-50 (11
 tensors of one storage), two KJTs ~25, the rest Python; about 210 us per batch, against
 ~70 us of the strictest scan per 1024 samples. Again at 1cff220, two more rounds (ML-1M,
 batch 1024): genci 2.09, 2.11 -> 3.22, 3.22; din 2.16, 2.30 -> 3.63, 3.60; fields 3.25, 3.37
@@ -148,22 +89,16 @@ scales 2x on these two cores).
 of them once into fresh buffers. It shows the target ratio is not out of reach by bandwidth:
 on ML-100K genci batches are 973 bytes per sample, written in 1.2 ms per epoch, 4.8x faster
 than the strictest scan (2026-12-06). The reader's cost is the random gathers and the
-per-batch numpy and Python steps (~100 us per batch of 1024 outside the loops, `_alloc`
-included).
+per-batch numpy and Python steps (~100 us per batch of 1024 outside the loops, the storage's
+allocation included).
 
-Design choices behind those figures (data_pipes/stream.py; 2026-12-04, 437b533 and 39140dc):
-- The read-ahead thread only reads Parquet. Arrow reads without holding the GIL, so the read
-  overlaps the gathering thread. Decoding on the read-ahead thread too was slower: moving
-  the decode to the gathering thread took 0.390 → 0.317 s and 0.306 → 0.280 s wall per epoch
-  in two interleaved A/Bs.
+Design choices behind those figures (data_pipes/stream.py):
+- The read-ahead thread reads and decodes each block; Arrow's read and the compiled cut run
+  without the GIL, so both overlap the batches built meanwhile (`StreamingSplit._read_block`
+  has the figures; a numpy decode there had been slower).
 - Not kept: two or three read-ahead threads (0.424 vs 0.427 s per epoch), Arrow's thread pool
   for the read (0.417 vs 0.317 s), int16 tokens (inconclusive), and the `memory_map`,
   `pre_buffer` and `read_dictionary` options (no gain).
-
-Where GenCI's layout spends its time, without read-ahead (cProfile, CPU s per epoch;
-2026-12-04, f30e630): the Parquet read 0.20, decode and validation 0.07, batch gathers 0.20
-(the token lookup 0.04: a row's int32 tokens are ~10× its history's Parquet bytes). The rest
-is the DataLoader and the epoch plan.
 
 Other measurements:
 - With worker processes, the trainer receives each batch through shared memory. That costs
@@ -188,8 +123,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from data_pipes.batch import storage_places
 from data_pipes.blocks import assemble_batch, batch_shape, write_batch
-from data_pipes.collate import TOKEN_DTYPE, _places
+from data_pipes.collate import TOKEN_DTYPE
 from data_pipes.memory import keep_freed_memory
 from data_pipes.schema import SEMANTIC_IDS
 from data_pipes.stream import StreamingSplit, _WorkerCache, build_loader, list_row_groups
@@ -259,7 +195,7 @@ def reader_scan(dataset_dir: Path, split: str, batch_size: int, workers: int,
 
 
 def batch_bytes(dataset_dir: Path, split: str, batch_size: int, layout: str) -> list[int]:
-    """Bytes of each Batch of one epoch (its one storage, data_pipes.collate._alloc)."""
+    """Bytes of each Batch of one epoch (its one storage, data_pipes.batch.alloc_storage)."""
     tokens, ids = LAYOUTS[layout]
     loader = build_loader(dataset_dir, split, batch_size=batch_size, num_workers=0, seed=0,
                           shuffle=True, with_tokens=tokens, with_history_ids=ids)
@@ -319,7 +255,7 @@ def stage_costs(dataset_dir: Path, split: str, batch_size: int, layout: str,
         nonlocal buf
         for parts in batches:
             shape = batch_shape(parts, ds.fields, table, ds.pad_history_to, ids)
-            starts, end = _places(shape.specs)
+            starts, end = storage_places(shape.specs)
             if buf.size < end:
                 buf = np.empty(end, np.uint8)
             write_batch(parts, shape, ds.fields, table,
@@ -327,9 +263,8 @@ def stage_costs(dataset_dir: Path, split: str, batch_size: int, layout: str,
                                                                           strict=True)], ids)
 
     cpu_assemble, rows = _best_cpu(assemble, repeats)
-    if rows != sum(g.rows for g in plan.groups):
-        raise SystemExit(f"stage costs: {rows} rows assembled, the split has "
-                         f"{sum(g.rows for g in plan.groups)}")
+    if rows != (expected := sum(g.rows for g in plan.groups)):
+        raise SystemExit(f"stage costs: {rows} rows assembled, the split has {expected}")
     return {"read": read, "decode": decode, "assemble": cpu_assemble,
             "compiled": _best_cpu(compiled, repeats)[0], "batches": plan.steps}
 

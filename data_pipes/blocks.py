@@ -12,7 +12,7 @@ gained by it, the batch gather being a lookup either way.
 
 `assemble_batch` writes a batch in three compiled passes per block it reads from (sizes, then
 the scalar and sparse fields, then the histories' ids and tokens) into one storage (collate's
-`_alloc`), and gives exactly the Batch that `data_pipes.collate.gather_batch` gives from the
+`data_pipes.batch.alloc_storage`), and gives exactly the Batch that `data_pipes.collate.gather_batch` gives from the
 `Rows` of `data_pipes.sequences.rows_of_cut` (tests/test_reader_blocks.py).
 """
 
@@ -24,13 +24,12 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from data_pipes.batch import Batch
+from data_pipes.batch import Batch, alloc_storage
 from data_pipes.collate import (
     _F32,
     _I64,
     _TOK,
     TOKEN_DTYPE,
-    _alloc,
     _list_parts,
     _record_dtype,
     batch_of,
@@ -245,7 +244,7 @@ class BatchShape:
     n_sp: list[int]            # ids per sparse key
     n_seq: int                 # sequence KJT ids (0 without history ids)
     width: int                 # history cells per row
-    specs: list[tuple[tuple[int, ...], np.dtype]]   # the 11 arrays, for collate._alloc
+    specs: list[tuple[tuple[int, ...], np.dtype]]   # the 11 arrays, for alloc_storage
 
 
 def batch_shape(parts: list[tuple[Block, np.ndarray]], tables: FieldTables,
@@ -309,12 +308,12 @@ def assemble_batch(parts: list[tuple[Block, np.ndarray]], features: list[Feature
                    pad_history_to: int | None = None, with_history_ids: bool = True) -> Batch:
     """The Batch of rows idx of each block, in order (parts = [(block, idx)]); the layout and
     the arguments of data_pipes.collate.gather_batch. Its sizes first (`batch_shape`), then
-    one storage (collate._alloc) written by `write_batch`."""
+    one storage (alloc_storage) written by `write_batch`."""
     if item_tokens is not None and any(p.token_rows is None or p.token_rows
                                        > item_tokens.shape[0] for p, _ in parts):
         raise ValueError("rows were not validated against this semantic-ID table")
     table = None if item_tokens is None else np.ascontiguousarray(item_tokens, dtype=TOKEN_DTYPE)
     shape = batch_shape(parts, tables, table, pad_history_to, with_history_ids)
-    views, tensors = _alloc(shape.specs)
+    views, tensors = alloc_storage(shape.specs)
     write_batch(parts, shape, tables, table, views, with_history_ids)
     return batch_of(features, tensors, shape.n_sp, shape.n_seq, with_history_ids)

@@ -22,7 +22,6 @@ item, compiled passes), held by tests to exactly `gather_batch`'s Batch.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,7 +30,7 @@ import pyarrow as pa
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from data_pipes.batch import Batch
+from data_pipes.batch import Batch, alloc_storage
 from data_pipes.item_tokens import (  # noqa: F401 - re-exported
     TOKEN_DTYPE,
     build_item_tokens,
@@ -50,7 +49,6 @@ from data_pipes.schema import (
 )
 
 _I64, _F32, _TOK = np.dtype(np.int64), np.dtype(np.float32), np.dtype(TOKEN_DTYPE)
-_TORCH_DTYPES = {_I64: torch.int64, _TOK: torch.int32, _F32: torch.float32}
 
 
 def _list_parts(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -326,7 +324,7 @@ def gather_batch(parts: list[tuple[Rows, np.ndarray]], row_ids: np.ndarray,
     w_ids = width if with_history_ids else 0     # columns of the returned `history`
 
     n_tok = 0 if item_tokens is None else item_tokens.shape[1]
-    views, tensors = _alloc([
+    views, tensors = alloc_storage([
         ((sum(n_sp),), _I64), ((b * len(features),), _I64), ((n_seq,), _I64), ((b, w_ids), _I64),
         ((b,), _I64), ((b, width * n_tok), _TOK), ((b, n_tok), _TOK), ((b,), _I64), ((b,), _I64),
         ((b,), _I64), ((b,), _F32)])
@@ -377,7 +375,7 @@ def gather_batch(parts: list[tuple[Rows, np.ndarray]], row_ids: np.ndarray,
 
 def batch_of(features: list[FeatureSpec], tensors: list[torch.Tensor], n_sp: list[int],
              n_seq: int, with_history_ids: bool) -> Batch:
-    """The Batch over the 11 tensors `_alloc` carved for it (sparse values, sparse lengths,
+    """The Batch over the 11 tensors `alloc_storage` carved for it (sparse values, sparse lengths,
     sequence values, history, history lengths, history tokens, target tokens, user, item and
     row ids, labels), `n_sp` ids per sparse key and `n_seq` sequence ids. The KJT constructor
     given the per-key sizes numpy already knows = from_lengths_sync without its tensor
@@ -423,32 +421,3 @@ def _valid_mask(width: int) -> np.ndarray:
     """[width+1, width] bool, row n marks the first n positions: a batch's mask of real
     history positions is one row gather by history length, not a broadcast compare."""
     return np.arange(width) < np.arange(width + 1)[:, None]
-
-
-def _alloc(specs: list[tuple[tuple[int, ...], np.dtype]]) -> tuple[list[np.ndarray],
-                                                                    list[torch.Tensor]]:
-    """Arrays of the given (shape, dtype) carved out of one new storage (each start 64-byte
-    aligned), as numpy (to fill) and torch (same memory). A worker hands a Batch to the main
-    process through shared memory one storage at a time, so one storage instead of ~12 makes
-    num_workers > 0 much cheaper. (Plain Python arithmetic: this runs once per batch.)"""
-    starts, end = _places(specs)
-    buf = np.empty(end, dtype=np.uint8)
-    flat = torch.from_numpy(buf)
-    typed = {d: flat.view(t) for d, t in _TORCH_DTYPES.items()}  # end % 64 == 0: all fit
-    views, tensors = [], []
-    for a, (shape, dtype) in zip(starts, specs, strict=True):
-        views.append(np.ndarray(shape, dtype, buf, a))
-        strides = (shape[1], 1) if len(shape) == 2 else (1,)  # 1-D and 2-D only
-        tensors.append(typed[dtype].as_strided(shape, strides, a // dtype.itemsize))
-    return views, tensors
-
-
-def _places(specs: list[tuple[tuple[int, ...], np.dtype]]) -> tuple[list[int], int]:
-    """(byte offset of each array, total bytes) of `_alloc`'s storage: each start 64-byte
-    aligned, the total a multiple of 64."""
-    starts, end = [], 0
-    for shape, dtype in specs:
-        starts.append(end)
-        end += -(math.prod(shape) * dtype.itemsize // -64) * 64
-    return starts, end
-
